@@ -1,0 +1,38 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.  Both run `make setup` first.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.peftrun-installed
+# CPU wheel of torch; on a GPU box install your CUDA torch into .venv first and set TORCH_SPEC= (empty).
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup demo test lint typecheck check clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	test -z "$(TORCH_SPEC)" || $(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev]"
+	# DeepSpeed's ops are JIT-built when used; building none keeps the install CPU-only and quick.
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation "deepspeed>=0.16"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/python -m peftrun demo
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+lint: setup
+	$(BIN)/ruff check peftrun tests benchmarks
+	$(BIN)/ruff format --check peftrun tests benchmarks
+
+typecheck: setup
+	$(BIN)/mypy
+
+check: lint typecheck test
+
+clean:
+	rm -rf $(VENV) .peftrun_cache

@@ -1,0 +1,7 @@
+"""`python -m peftrun RECIPE` == `peftrun train RECIPE`, so `accelerate launch -m peftrun RECIPE` works."""
+
+import sys
+
+from peftrun.cli import main
+
+sys.exit(main())

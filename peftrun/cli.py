@@ -1,0 +1,103 @@
+"""Command line: parse and dispatch only. User mistakes print one line each and exit with 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from peftrun.errors import UserError
+
+SUBCOMMANDS = ("train", "validate", "demo", "keys")
+
+
+def _keys_help(section: str | None = None) -> str:
+    """Every recipe key with its type, default and description, generated from the schema."""
+    from pydantic import BaseModel
+
+    from peftrun.recipe.schema import Recipe
+
+    lines: list[str] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            nested = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+            if nested:
+                walk(nested[0], f"{prefix}{name}.")
+                continue
+            default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
+            lines.append(f"  {prefix}{name}  ({default})\n      {field.description or ''}")
+
+    walk(Recipe, "")
+    if section:
+        lines = [line for line in lines if line.strip().startswith(section)]
+    doc = (Recipe.model_fields["method"].annotation.__doc__ or "") if not section or section == "method" else ""
+    return "recipe keys (set in YAML or as key=value overrides):\n" + "\n".join(lines) + ("\n\nmethod:" + doc if doc else "")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="peftrun",
+        description="Fine-tune Hugging Face models from a YAML recipe (LoRA/QLoRA/DoRA/other peft adapters, "
+        "full or frozen fine-tuning), on one CPU or many GPUs through accelerate.",
+        epilog="Multi-process: accelerate launch [--config_file accelerate_configs/X.yaml] -m peftrun RECIPE",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    formatter = argparse.RawDescriptionHelpFormatter
+    for name, summary in (
+        ("train", "train what the recipe says and save a verified artefact to output_dir/final"),
+        ("validate", "check the recipe and its files against the model's architecture; print the resolved recipe"),
+    ):
+        cmd = sub.add_parser(name, help=summary, description=summary, epilog=_keys_help(), formatter_class=formatter)
+        cmd.add_argument("recipe", help="path to a recipe YAML")
+        cmd.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe keys, e.g. train.lr=1e-4")
+    demo = sub.add_parser("demo", help="train the built-in tiny demo (no downloads) and show before/after generations")
+    demo.add_argument("overrides", nargs="*", metavar="key=value", help="override demo recipe keys")
+    keys = sub.add_parser("keys", help="list every recipe key with its default and description")
+    keys.add_argument("section", nargs="?", help="only keys starting with this (e.g. train)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    # `python -m peftrun recipe.yaml` (and so `accelerate launch -m peftrun recipe.yaml`) means train.
+    if args_list and args_list[0] not in SUBCOMMANDS and not args_list[0].startswith("-"):
+        args_list.insert(0, "train")
+    args = build_parser().parse_args(args_list)
+    try:
+        return _dispatch(args)
+    except UserError as exc:
+        rank = os.environ.get("RANK", "0")
+        if rank == "0":  # one copy of the message, not one per process
+            print(f"peftrun: error: {exc}".replace("\n", "\npeftrun: error: "), file=sys.stderr)
+        return exc.exit_code
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "keys":
+        print(_keys_help(args.section))
+        return 0
+    if args.command == "demo":
+        from peftrun.demo import run_demo
+
+        run_demo(args.overrides)
+        return 0
+
+    from peftrun.recipe.load import load_recipe, recipe_to_yaml
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.command == "validate":
+        from peftrun.preflight import preflight
+
+        checks = preflight(recipe)
+        print(recipe_to_yaml(recipe), end="")
+        for line in checks.lines():
+            print(f"# {line}")
+        print(f"# {args.recipe}: OK")
+        return 0
+    from peftrun.train import train
+
+    result = train(recipe)
+    return 0 if result.stopped_by is None else 128 + 2  # like a shell's Ctrl-C status: the job did not finish

@@ -1,0 +1,393 @@
+"""Reading data files (and Hub datasets) into rows, and checking them before anything heavy runs.
+
+Local files are parsed here by one streaming reader per format, and the same reader serves both the
+pre-flight `check_source` and `read_rows`. So what `peftrun validate` accepts is exactly what training
+reads, row numbers in errors are exact, and no second cache (like `datasets`' own, keyed by file mtime)
+can serve stale rows. The rows become an in-memory `datasets.Dataset`; Hub ids go through
+`datasets.load_dataset`.
+
+Formats:
+- .jsonl: one JSON object per line; blank lines are skipped.
+- .json: a JSON array of objects (or JSON Lines saved as .json).
+- .csv: a header row, then one row per sample; every cell is a string.
+- .parquet: one row per sample.
+- .txt (format `text` only): one sample per paragraph, paragraphs being separated by blank lines, so a
+  document keeps its line breaks; a file with no blank lines is a single sample.
+
+"Row N" in messages is the 1-based position of the sample in the file (for .jsonl the line number
+is added when blank lines make it differ).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from itertools import chain, islice
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from peftrun.errors import UserError, did_you_mean
+
+if TYPE_CHECKING:
+    import datasets
+
+    from peftrun.recipe.schema import DataConfig
+
+__all__ = [
+    "FIELDS",
+    "KNOWN_ROLES",
+    "SUPPORTED_SUFFIXES",
+    "RowProblem",
+    "check_source",
+    "column_map",
+    "extract_fields",
+    "is_hub_id",
+    "read_rows",
+]
+
+SUPPORTED_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
+# Suffixes that mark a path as meant to be a file even if it does not exist (so the error says "not found"
+# instead of trying the Hub); Hub ids may contain dots ('org/name-v1.2'), so any suffix would be too broad.
+_FILE_LIKE_SUFFIXES = {
+    *SUPPORTED_SUFFIXES,
+    *(".ndjson", ".tsv", ".pq", ".arrow", ".feather", ".gz", ".bz2", ".xz", ".zst", ".zip", ".tar"),
+    *(".xlsx", ".xls", ".yaml", ".yml", ".md", ".html", ".xml", ".pkl", ".pt", ".npy"),
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_HUB_TIMEOUT_S = 5.0
+# The Hub check of `validate` reads this many rows, not the whole dataset.
+_HUB_CHECK_ROWS = 200
+
+# peftrun's column names per format; all are required but `input`.
+FIELDS = {"alpaca": ("instruction", "input", "output"), "chat": ("messages",), "text": ("text",)}
+_OPTIONAL = {"input"}
+KNOWN_ROLES = ("system", "user", "assistant")
+
+
+class RowProblem(ValueError):
+    """What is wrong with one row; the caller adds the file and the row number."""
+
+
+# ---------------------------------------------------------------------------------------------- paths
+
+
+def is_hub_id(path: str) -> bool:
+    """True when `path` is meant as a Hub dataset id rather than a local file."""
+    if Path(path).expanduser().exists() or path.startswith((".", "/", "~")):
+        return False
+    return bool(_HUB_ID.match(path)) and Path(path).suffix.lower() not in _FILE_LIKE_SUFFIXES
+
+
+def _local_file(path: str, key: str) -> Path:
+    """The existing, supported file `path` (for messages, `key` is data.path or data.val_path)."""
+    file = Path(path).expanduser().resolve()
+    if not file.exists():
+        raise UserError(f"{key}: file not found: {file}")
+    if file.is_dir():
+        raise UserError(f"{key}: {file} is a directory; point it at a data file")
+    if file.suffix.lower() not in SUPPORTED_SUFFIXES:
+        raise UserError(
+            f"{key}: unsupported file type '{file.suffix}' ({file}); use one of {', '.join(SUPPORTED_SUFFIXES)}"
+        )
+    return file
+
+
+# -------------------------------------------------------------------------------------------- readers
+
+
+def _parse_error(path: str, where: str, message: str) -> UserError:
+    return UserError(f"{path}: {where}{message}")
+
+
+def _read_jsonl(path: str, file: Path) -> Iterator[tuple[int | None, dict[str, Any]]]:
+    with file.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise _parse_error(path, f"line {line_no}: ", f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(record, dict):
+                raise _parse_error(path, f"line {line_no}: ", f"expected a JSON object, got {_type_name(record)}")
+            yield line_no, record
+
+
+def _read_json(path: str, file: Path) -> Iterator[tuple[int | None, dict[str, Any]]]:
+    text = file.read_text(encoding="utf-8")
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # several top-level values: JSON Lines saved as .json
+            yield from _read_jsonl(path, file)
+            return
+        raise _parse_error(path, "", f"invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    if not isinstance(records, list):
+        keys = f" with keys {', '.join(map(str, records))}" if isinstance(records, dict) else ""
+        raise _parse_error(path, "", f"expected a JSON array of objects, got {_type_name(records)}{keys}")
+    for index, record in enumerate(records, start=1):
+        if not isinstance(record, dict):
+            raise _parse_error(path, f"row {index}: ", f"expected a JSON object, got {_type_name(record)}")
+        yield None, record
+
+
+def _read_csv(path: str, file: Path) -> Iterator[tuple[int | None, dict[str, Any]]]:
+    # Long texts exceed csv's default 128 KiB field limit.
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    with file.open(encoding="utf-8-sig", newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        index = 0
+        for cells in reader:
+            if not cells:
+                continue
+            index += 1
+            if header is not None and len(cells) != len(header):
+                raise _parse_error(path, f"row {index}: ", f"has {len(cells)} fields, the header has {len(header)}")
+            yield None, dict(zip(header or (), cells, strict=True))
+
+
+def _read_parquet(path: str, file: Path) -> Iterator[tuple[int | None, dict[str, Any]]]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(file)
+    except Exception as exc:
+        raise _parse_error(path, "", f"not a valid Parquet file ({exc})") from None
+    for batch in parquet.iter_batches(batch_size=1024):
+        for record in batch.to_pylist():
+            yield None, record
+
+
+def _read_txt(path: str, file: Path) -> Iterator[tuple[int | None, dict[str, Any]]]:
+    lines: list[str] = []
+    with file.open(encoding="utf-8") as handle:
+        for line in chain(handle, [""]):  # the trailing "" flushes the last paragraph
+            if line.strip():
+                lines.append(line)
+            elif lines:
+                yield None, {"text": "".join(lines).rstrip("\n")}
+                lines = []
+
+
+_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet, ".txt": _read_txt}
+
+
+def _iter_file(path: str, file: Path) -> Iterator[tuple[int | None, dict[str, Any]]]:
+    """(line number or None, record) for each sample of a local file, in order; bad bytes are a UserError.
+
+    Only JSON Lines has line numbers worth reporting beside the row number.
+    """
+    try:
+        yield from _READERS[file.suffix.lower()](path, file)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})") from None
+
+
+def _type_name(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+# ------------------------------------------------------------------------------------------------ Hub
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _probe_hub(path: str, key: str) -> None:
+    """Fail fast, with one line, when the Hub cannot serve dataset `path`.
+
+    `datasets` retries an unreachable Hub for about half a minute before failing; one request with a
+    short timeout answers the same question at once.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        HfApi().dataset_info(path, timeout=_HUB_TIMEOUT_S)
+    except GatedRepoError:
+        raise UserError(f"{key}: Hub dataset '{path}' is gated; accept its terms and log in (hf auth login)") from None
+    except RepositoryNotFoundError:
+        raise UserError(
+            f"{key}: '{path}' is neither a local file nor a Hub dataset (or it is private: hf auth login)"
+        ) from None
+    except Exception as exc:
+        raise UserError(
+            f"{key}: '{path}' is not a local file, and the Hugging Face Hub cannot be reached to load it as a "
+            f"dataset ({exc}); download it first, or set HF_HUB_OFFLINE=1 to use a cached copy"
+        ) from None
+
+
+def _load_hub(path: str, split: str, key: str, *, streaming: bool = False, cache_dir: Path | None = None) -> Any:
+    import datasets
+
+    if not _hub_offline():
+        _probe_hub(path, key)
+    try:
+        return datasets.load_dataset(
+            path, split=split, streaming=streaming, cache_dir=str(cache_dir) if cache_dir else None
+        )
+    except ConnectionError as exc:
+        raise UserError(f"{key}: cannot load Hub dataset '{path}' offline and it is not in the cache ({exc})") from None
+    except ValueError as exc:  # unknown split and similar
+        raise UserError(f"{key}: cannot load Hub dataset '{path}' split '{split}': {exc}") from None
+
+
+# ----------------------------------------------------------------------------------------------- rows
+
+
+def column_map(fmt: str, columns: Mapping[str, str]) -> dict[str, str]:
+    """peftrun's column name -> the file's, for `fmt`, after data.columns; unknown keys are a UserError."""
+    names = FIELDS[fmt]
+    for name in columns:
+        if name not in names:
+            raise UserError(
+                f"data.columns: '{name}' is not a column of format {fmt}{did_you_mean(name, names)} "
+                f"(peftrun's names: {', '.join(names)})"
+            )
+    return {name: columns.get(name, name) for name in names}
+
+
+def _missing(name: str, file_column: str, row: Mapping[str, Any]) -> RowProblem:
+    present = ", ".join(str(c) for c in row) or "none"
+    if name == file_column:
+        return RowProblem(f"missing '{name}' (columns: {present}); map it with data.columns")
+    return RowProblem(f"missing '{file_column}' (data.columns maps {name} to it; columns: {present})")
+
+
+def _string(row: Mapping[str, Any], name: str, file_column: str) -> str:
+    if file_column not in row:
+        if name in _OPTIONAL:
+            return ""
+        raise _missing(name, file_column, row)
+    value = row[file_column]
+    if value is None and name in _OPTIONAL:
+        return ""
+    if not isinstance(value, str):
+        raise RowProblem(f"'{file_column}' must be a string, got {_type_name(value)}")
+    return value
+
+
+def _messages(value: Any, file_column: str) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        got = "an empty list" if value == [] else _type_name(value)
+        raise RowProblem(f"'{file_column}' must be a non-empty list of {{role, content}}, got {got}")
+    messages = []
+    for i, message in enumerate(value):
+        where = f"{file_column}[{i}]"
+        if not isinstance(message, dict):
+            raise RowProblem(f"{where} must be an object with role and content, got {_type_name(message)}")
+        role, content = message.get("role"), message.get("content")
+        if role not in KNOWN_ROLES:
+            raise RowProblem(f"{where} has unknown role {role!r} (known: {', '.join(KNOWN_ROLES)})")
+        if not isinstance(content, str):
+            raise RowProblem(f"{where}.content must be a string, got {_type_name(content)}")
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def extract_fields(row: Mapping[str, Any], fmt: str, columns: Mapping[str, str]) -> dict[str, Any]:
+    """The row's values under peftrun's names, checked: strings for alpaca/text, messages for chat.
+
+    `columns` is `column_map(...)`. Raises RowProblem; an absent or null `input` reads as "".
+    """
+    if fmt == "chat":
+        file_column = columns["messages"]
+        if file_column not in row:
+            raise _missing("messages", file_column, row)
+        return {"messages": _messages(row[file_column], file_column)}
+    return {name: _string(row, name, columns[name]) for name in FIELDS[fmt]}
+
+
+def _row_label(index: int, line_no: int | None) -> str:
+    return f"row {index}" if line_no in (None, index) else f"row {index} (line {line_no})"
+
+
+def _check_rows(path: str, records: Iterator[tuple[int | None, Mapping[str, Any]]], cfg: DataConfig) -> int:
+    """Check every record; returns how many there were."""
+    columns = column_map(cfg.format, cfg.columns)
+    count = 0
+    for count, (line_no, record) in enumerate(records, start=1):
+        try:
+            extract_fields(record, cfg.format, columns)
+        except RowProblem as exc:
+            raise UserError(f"{path}: {_row_label(count, line_no)}: {exc}") from None
+    if count == 0:
+        raise UserError(f"{path}: no rows")
+    return count
+
+
+def _check_format_fits(path: str, key: str, file: Path, fmt: str) -> None:
+    suffix = file.suffix.lower()
+    if suffix == ".txt" and fmt != "text":
+        raise UserError(f"{key}: {path} is raw text; a .txt file can only be used with data.format: text")
+    if suffix == ".csv" and fmt == "chat":
+        raise UserError(f"{key}: {path}: chat messages are nested lists, which CSV cannot hold; use .jsonl")
+
+
+def _check_local(path: str, key: str, cfg: DataConfig, max_rows: int | None) -> None:
+    file = _local_file(path, key)
+    _check_format_fits(path, key, file, cfg.format)
+    _check_rows(path, islice(_iter_file(path, file), max_rows), cfg)
+
+
+def check_source(cfg: DataConfig) -> None:
+    """Pre-flight for `peftrun validate`: the data files exist, parse and hold the columns `cfg` needs.
+
+    Local files are streamed, so memory stays flat; only the first `max_samples` rows are checked since
+    only those are used. A Hub dataset is checked on its first rows (training still checks every row).
+    """
+    if is_hub_id(cfg.path):
+        column_map(cfg.format, cfg.columns)
+        rows = _load_hub(cfg.path, cfg.split, "data.path", streaming=not _hub_offline())
+        limit = min(cfg.max_samples or _HUB_CHECK_ROWS, _HUB_CHECK_ROWS)
+        _check_rows(cfg.path, ((None, row) for row in islice(iter(rows), limit)), cfg)
+    else:
+        _check_local(cfg.path, "data.path", cfg, cfg.max_samples)
+    if cfg.val_path is not None:
+        _check_local(cfg.val_path, "data.val_path", cfg, None)
+
+
+def _dataset_from_records(path: str, records: list[dict[str, Any]], columns: Sequence[str] | None) -> Any:
+    import datasets
+
+    names = list(columns) if columns is not None else list(dict.fromkeys(k for r in records for k in r))
+    table = {name: [record.get(name) for record in records] for name in names}
+    try:
+        return datasets.Dataset.from_dict(table)
+    except Exception as exc:  # pyarrow cannot give one type to a column holding several
+        raise UserError(f"{path}: cannot build a table from the file ({exc}); check the types of its columns") from None
+
+
+def read_rows(
+    path: str,
+    split: str = "train",
+    max_samples: int | None = None,
+    *,
+    columns: Sequence[str] | None = None,
+    key: str = "data.path",
+    cache_dir: Path | None = None,
+) -> datasets.Dataset:
+    """The rows of a local file or Hub dataset, at most `max_samples` of them, as a `datasets.Dataset`.
+
+    `split` only applies to Hub datasets. `columns` keeps just those file columns (missing ones read as
+    null), which also spares pyarrow from typing columns nobody uses. `key` names the recipe key in
+    errors; `cache_dir` is where `datasets` caches Hub downloads (default: its own cache).
+    """
+    if is_hub_id(path):
+        rows = _load_hub(path, split, key, cache_dir=cache_dir)
+        if max_samples is not None:
+            rows = rows.select(range(min(max_samples, len(rows))))
+        if columns is not None:
+            rows = rows.select_columns([c for c in columns if c in rows.column_names])
+        return rows
+    file = _local_file(path, key)
+    records = [record for _, record in islice(_iter_file(path, file), max_samples)]
+    return _dataset_from_records(path, records, columns)

@@ -1,0 +1,149 @@
+"""Load the tokenizer and base model a recipe names, and make it trainable the way its method says."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from peftrun.errors import OptionError, UserError
+from peftrun.hub import require_local_or_reachable
+from peftrun.methods import apply_method, count_parameters
+from peftrun.recipe.schema import ModelConfig, QuantizationConfig, Recipe
+from peftrun.tasks import TASKS
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def load_model_config(cfg: ModelConfig) -> Any:
+    """The base model's config.json: cheap, and enough to check a recipe against the architecture."""
+    from transformers import AutoConfig
+
+    def read(local_only: bool) -> Any:
+        return AutoConfig.from_pretrained(
+            cfg.name_or_path,
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+            local_files_only=local_only,
+        )
+
+    try:
+        return read(local_only=True)
+    except (OSError, ValueError):
+        pass
+    require_local_or_reachable(cfg.name_or_path, "model.name_or_path", is_cached=False)
+    try:
+        return read(local_only=False)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model.name_or_path: cannot read a model config from '{cfg.name_or_path}': {_first_line(exc)}") from None
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    source = cfg.tokenizer or cfg.name_or_path
+    try:
+        return AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        key = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
+        raise UserError(f"{key}: cannot load a tokenizer from '{source}': {_first_line(exc)}") from None
+
+
+def bitsandbytes_config(quant: QuantizationConfig, model_dtype: str) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype],
+        bnb_4bit_quant_storage=DTYPES[quant.storage_dtype or model_dtype],
+    )
+
+
+def load_model(cfg: ModelConfig, task_name: str, device_map: Any = None) -> Any:
+    """The base model from disk (or the Hub), in the recipe's dtype and quantization."""
+    kwargs: dict[str, Any] = {
+        "dtype": DTYPES[cfg.dtype],
+        "revision": cfg.revision,
+        "trust_remote_code": cfg.trust_remote_code,
+    }
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.quantization is not None:
+        kwargs["quantization_config"] = bitsandbytes_config(cfg.quantization, cfg.dtype)
+        kwargs["device_map"] = device_map if device_map is not None else _default_device()
+    model = TASKS[task_name].model_class().from_pretrained(cfg.name_or_path, **kwargs)
+    model.config.use_cache = False  # the KV cache only costs memory during training
+    return model
+
+
+def _default_device() -> Any:
+    return {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+
+
+def make_trainable(model: Any, recipe: Recipe) -> Any:
+    """Gradient checkpointing, k-bit preparation, then the method (peft adapter, full or frozen)."""
+    if recipe.model.quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=recipe.model.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif recipe.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if recipe.method.kind not in ("full", "frozen"):
+            # Frozen embeddings give checkpointed blocks inputs without grad; adapters inside still need it.
+            model.enable_input_require_grads()
+    return apply_method(model, recipe.method, TASKS[recipe.task].peft_task_type)
+
+
+# --- pre-flight: the method against the architecture, with no weights loaded --------------------------
+
+
+def _module_matches(names: list[str], key: str) -> bool:
+    """peft's rule for one entry of a target_modules list: the full name or its last dotted parts."""
+    return any(n == key or n.endswith("." + key) for n in names)
+
+
+def check_method_against_architecture(recipe: Recipe, model_config: Any) -> tuple[int, int]:
+    """Build the model on the meta device (no memory, no weights) and apply the method to it.
+
+    Catches target modules that match nothing, freeze patterns that match nothing and options peft
+    rejects for this architecture, in well under a second even for a 70B config.
+    Returns (trainable, total) parameter counts.
+    """
+    with torch.device("meta"):
+        model = TASKS[recipe.task].model_class().from_config(model_config, trust_remote_code=recipe.model.trust_remote_code)
+    module_names = [n for n, _ in model.named_modules() if n]
+    for key in ("target_modules", "modules_to_save", "feedforward_modules", "exclude_modules"):
+        value = recipe.method.options.get(key)
+        if isinstance(value, list):
+            for i, entry in enumerate(value):
+                if not _module_matches(module_names, entry):
+                    raise UserError(
+                        f"method.{key}[{i}]: '{entry}' matches no module of {type(model).__name__} "
+                        f"(linear layers here: {', '.join(_linear_leaf_names(model)) or 'none'})"
+                    )
+        elif isinstance(value, str) and value != "all-linear" and not any(re.fullmatch(value, n) for n in module_names):
+            raise UserError(f"method.{key}: regex '{value}' matches no module name of {type(model).__name__}")
+    try:
+        model = apply_method(model, recipe.method, TASKS[recipe.task].peft_task_type)
+    except OptionError as exc:
+        raise UserError(f"method.{exc.key}: {exc.message}") from None
+    except (ValueError, TypeError, KeyError, NotImplementedError) as exc:
+        raise UserError(f"method: peft cannot apply '{recipe.method.kind}' to {type(model).__name__}: {_first_line(exc)}") from None
+    return count_parameters(model)
+
+
+def _linear_leaf_names(model: Any) -> list[str]:
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})

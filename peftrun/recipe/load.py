@@ -1,0 +1,104 @@
+"""YAML + `key=value` overrides -> a validated Recipe, or one UserError line per problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from peftrun.errors import OptionError, UserError, did_you_mean
+from peftrun.recipe.schema import Recipe
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.lr=1e-4' -> (['train', 'lr'], 0.0001). Values are YAML, so lists and nulls work too."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise UserError(f"override '{text}': expected dotted.key=value, e.g. train.lr=1e-4")
+    value = yaml.safe_load(raw) if raw else ""
+    # YAML 1.1 reads '1e-4' as a string; a number is what anyone typing it means.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") and not value.isalpha() else value
+        except ValueError:
+            pass
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> set[tuple[str, ...]]:
+    """Set each override into the nested dict; returns the dotted paths that came from the command line."""
+    from_cli: set[tuple[str, ...]] = set()
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {} if child is None else child
+            if not isinstance(child, dict):
+                raise UserError(f"override '{text}': '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+        from_cli.add(tuple(path))
+    return from_cli
+
+
+def _section_fields(loc: tuple[str | int, ...]) -> list[str]:
+    """Field names of the schema section at `loc` (for did-you-mean)."""
+    model: type[BaseModel] | None = Recipe
+    for part in loc:
+        field = model.model_fields.get(str(part)) if model else None
+        annotation = field.annotation if field else None
+        model = None
+        for candidate in getattr(annotation, "__args__", (annotation,)):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                model = candidate
+    return list(model.model_fields) if model else []
+
+
+def _format_error(error: dict[str, Any], origin: str, from_cli: set[tuple[str, ...]]) -> str:
+    loc = tuple(str(p) for p in error["loc"])
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, OptionError):
+        loc, message = (*loc, *cause.key.split(".")), cause.message
+    elif error["type"] == "extra_forbidden":
+        message = "unknown key" + did_you_mean(loc[-1], _section_fields(loc[:-1]))
+    elif error["type"] == "missing":
+        message = "required key is missing"
+    else:
+        message = error["msg"].removeprefix("Value error, ")
+        if "input" in error and error["type"] not in ("model_type", "dict_type") and not isinstance(error["input"], dict):
+            message += f" (got {error['input']!r})"
+    where = "command line" if any(loc[: len(p)] == p for p in from_cli) else origin
+    return f"{where}: {'.'.join(loc) or '(top level)'}: {message}"
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe. Every problem becomes one line of a single UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise UserError(f"{path}{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a recipe is a YAML mapping of sections (model, method, data, train, ...)")
+    from_cli = apply_overrides(data, overrides or [])
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        lines = [_format_error(dict(e), str(path), from_cli) for e in exc.errors()]
+        raise UserError("\n".join(lines)) from None
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The resolved recipe (defaults filled in), as written into every run directory."""
+    data = recipe.model_dump(mode="json")
+    data["method"] = {**{k: v for k, v in data["method"].items() if k in ("kind", "freeze", "train") and v}}
+    data["method"].update(recipe.method.options)
+    return yaml.safe_dump(data, sort_keys=False)

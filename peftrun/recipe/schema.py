@@ -1,0 +1,210 @@
+"""The recipe schema: the single source of truth for every setting peftrun has.
+
+Each field's description is its documentation: `peftrun train --help`, `peftrun keys` and
+docs/recipe.md are generated from these models, so a key cannot exist without being described.
+Sections forbid unknown keys; `peftrun.recipe.load` turns pydantic's errors into one line each
+with the file, the dotted key and a did-you-mean suggestion.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from peftrun.methods import check_method_options
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=False)
+
+
+Dtype = Literal["fp32", "bf16", "fp16"]
+
+
+class QuantizationConfig(Section):
+    """Load the base model quantized through bitsandbytes (QLoRA when combined with `method.kind: lora`)."""
+
+    bits: Literal[4, 8] = Field(4, description="4 (NF4/FP4, QLoRA) or 8 (LLM.int8) bit base weights.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; NF4 is the QLoRA default.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
+    compute_dtype: Dtype = Field("bf16", description="dtype the 4-bit matmuls compute in.")
+    storage_dtype: Dtype | None = Field(
+        None, description="bnb_4bit_quant_storage; set it to the model dtype to shard 4-bit weights under ZeRO-3/FSDP."
+    )
+
+
+class ModelConfig(Section):
+    """The base model and how to load it."""
+
+    name_or_path: str = Field(description="Local directory or Hugging Face Hub id of the base model.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
+    tokenizer: str | None = Field(None, description="Tokenizer path or id, when it differs from the model's.")
+    dtype: Dtype = Field("fp32", description="dtype the base weights are loaded in (fp32, bf16, fp16).")
+    quantization: QuantizationConfig | None = Field(None, description="bitsandbytes quantization of the base.")
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
+        None, description="Attention kernel; default lets transformers choose (sdpa where available)."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    trust_remote_code: bool = Field(False, description="Run modelling code shipped with the model (off: safety).")
+
+
+class MethodConfig(Section):
+    """What is trained.
+
+    `kind` picks the method: `full` (every weight), `frozen` (freeze what `freeze` names, train the rest),
+    or any peft adapter by name (`lora`, `ia3`, `prefix_tuning`, `prompt_tuning`, `loha`, `lokr`, `oft`,
+    `vera`, `adalora`, ...). An adapter's own options sit beside `kind` and are checked against peft's
+    config class for that adapter (e.g. `r`, `alpha`, `dropout`, `target_modules`, `use_dora`,
+    `use_rslora`, `init_lora_weights: pissa` for LoRA). `alpha` and `dropout` are short for peft's
+    `lora_alpha`/`lora_dropout`. QLoRA is `kind: lora` with `model.quantization`.
+    """
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    kind: str = Field("lora", description="full | frozen | a peft adapter name (lora, ia3, prefix_tuning, ...).")
+    freeze: list[str] = Field(
+        default_factory=list,
+        description="frozen only: parameters to freeze, as name globs ('model.embed_tokens.*'), layer ranges "
+        "('layers[0:4]', 'layers[:-2]') or 'all'.",
+    )
+    train: list[str] = Field(
+        default_factory=list,
+        description="frozen only: parameters to keep trainable even if `freeze` matches them (e.g. 'lm_head.*').",
+    )
+
+    @model_validator(mode="after")
+    def _check_options(self) -> MethodConfig:
+        check_method_options(self.kind, self.options, has_freeze=bool(self.freeze or self.train))
+        return self
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The adapter's own options (everything beside kind/freeze/train)."""
+        return dict(self.model_extra or {})
+
+
+class DataConfig(Section):
+    """Where the training data comes from and how it becomes tokens."""
+
+    path: str = Field(description="Local .json/.jsonl/.csv/.parquet/.txt file, or a Hub dataset id.")
+    format: Literal["alpaca", "chat", "text"] = Field(
+        "alpaca",
+        description="alpaca: instruction/input/output rows; chat: a list of {role, content} messages; "
+        "text: raw text for continued pre-training.",
+    )
+    split: str = Field("train", description="Split to read when `path` is a Hub dataset.")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Map peftrun's column names to the file's, e.g. {instruction: question, output: answer}. "
+        "peftrun's names: instruction, input, output (alpaca); messages (chat); text (text).",
+    )
+    prompt_template: Literal["alpaca", "plain"] = Field(
+        "alpaca", description="How alpaca rows are rendered: the Stanford Alpaca prompt, or instruction+input only."
+    )
+    chat_template: str | None = Field(
+        None,
+        description="Built-in template name (chatml, llama3, zephyr) for tokenizers without a chat template; "
+        "default: the tokenizer's own.",
+    )
+    max_seq_len: int = Field(1024, gt=0, description="Longest sample in tokens (BOS and EOS included).")
+    overlong: Literal["truncate", "drop", "error"] = Field(
+        "truncate", description="What to do with samples longer than max_seq_len; counts are reported."
+    )
+    train_on_prompt: bool = Field(False, description="Also compute the loss on prompt tokens (alpaca/chat).")
+    val_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Fraction of the training file held out for evaluation."
+    )
+    val_path: str | None = Field(None, description="A separate evaluation file (same format and columns).")
+    max_samples: int | None = Field(None, gt=0, description="Use only the first N samples (quick experiments).")
+
+    @model_validator(mode="after")
+    def _one_validation_source(self) -> DataConfig:
+        if self.val_path is not None and self.val_fraction > 0:
+            raise ValueError("set either val_fraction or val_path, not both")
+        return self
+
+
+class TrainConfig(Section):
+    """The optimisation loop."""
+
+    epochs: int = Field(1, gt=0, description="Passes over the training data (max_steps caps it).")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    micro_batch_size: int = Field(4, gt=0, description="Samples per forward pass on each process.")
+    global_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="Samples per optimizer step over all processes; accumulation is derived from it "
+        "(must be a multiple of micro_batch_size x processes). Default: micro_batch_size x processes "
+        "x grad_accum_steps.",
+    )
+    grad_accum_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step (if no global_batch_size).")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    optimizer: Literal["adamw", "adamw_8bit"] = Field(
+        "adamw", description="adamw (torch) or adamw_8bit (bitsandbytes paged-free 8-bit AdamW)."
+    )
+    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR schedule after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm (null: no clipping).")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast precision for compute.")
+    seed: int = Field(0, description="Seeds weights init of adapters, dropout and data order.")
+    resume: str | None = Field(
+        None, description="'auto' (newest checkpoint in output_dir, if any) or a checkpoint directory."
+    )
+
+
+class EvalConfig(Section):
+    """Evaluation on the validation data (loss and perplexity)."""
+
+    every_steps: int | None = Field(None, gt=0, description="Evaluate every N optimizer steps.")
+    at_end: bool = Field(True, description="Evaluate after the last step.")
+    batch_size: int | None = Field(None, gt=0, description="Eval micro-batch size (default: train.micro_batch_size).")
+    max_batches: int | None = Field(None, gt=0, description="Cap the number of eval batches.")
+
+
+class CheckpointConfig(Section):
+    """Resumable checkpoints (atomic: a crash or signal leaves the last good one)."""
+
+    every_steps: int | None = Field(None, gt=0, description="Write a checkpoint every N optimizer steps.")
+    keep_last: int = Field(2, gt=0, description="Keep only the newest K checkpoints.")
+    at_end: bool = Field(True, description="Write a checkpoint after the last step (so `resume` can extend it).")
+
+
+class LoggingConfig(Section):
+    """Where metrics go."""
+
+    every_steps: int = Field(1, gt=0, description="Log train metrics every N optimizer steps.")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="Trackers (wandb/mlflow only if installed)."
+    )
+    project: str = Field("peftrun", description="Project/experiment name for the trackers.")
+    plot: bool = Field(True, description="Write loss.png at the end.")
+    progress_bar: bool = Field(True, description="Show a tqdm bar on the main process.")
+
+
+class Recipe(Section):
+    """A peftrun recipe."""
+
+    output_dir: Path = Field(description="Run directory: checkpoints, the final artefact, metrics, the resolved recipe.")
+    task: Literal["causal_lm"] = Field("causal_lm", description="What the model learns to do.")
+    model: ModelConfig
+    method: MethodConfig = Field(default_factory=lambda: MethodConfig(kind="lora"))
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Recipe:
+        if self.model.quantization is not None and self.method.kind in ("full", "frozen"):
+            raise ValueError(
+                f"method.kind={self.method.kind} cannot train quantized weights; use an adapter (e.g. lora) "
+                "or remove model.quantization"
+            )
+        return self
+
+

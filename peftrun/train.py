@@ -1,0 +1,425 @@
+"""The training flow, top to bottom: setup -> loop -> save.
+
+It knows nothing of the backend: single process, DDP or DeepSpeed all arrive as an Accelerator
+(see dist.py). Each step's loss is token-weighted over all its micro-batches and processes, so
+micro 2 x accumulation 2, micro 4 x accumulation 1 and 2 ranks x micro 2 give the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from peftrun.checkpoint import (
+    TrainerState,
+    load_checkpoint,
+    register_trainable_only_hooks,
+    resolve_resume,
+    save_checkpoint,
+)
+from peftrun.data import collate, pad_id_for, prepare_data
+from peftrun.dist import make_accelerator
+from peftrun.errors import UserError
+from peftrun.methods import count_parameters
+from peftrun.model import DTYPES, load_model, load_tokenizer, make_trainable
+from peftrun.outputs import (
+    MANIFEST_FILE,
+    METRICS_FILE,
+    PLOT_FILE,
+    RESOLVED_RECIPE,
+    MetricsLog,
+    plot_losses,
+    write_manifest,
+)
+from peftrun.preflight import preflight
+from peftrun.recipe.load import recipe_to_yaml
+from peftrun.recipe.schema import Recipe, TrainConfig
+from peftrun.signals import StopRequest
+from peftrun.tasks import TASKS, Task
+from peftrun.verify import VerificationError, check_reload, check_tensors, logit_tolerance
+
+FINAL_DIR = "final"
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    final_dir: Path | None  # None when the run stopped early on a signal
+    steps: int
+    losses: list[float]  # per optimizer step, this invocation only
+    eval_loss: float | None
+    stopped_by: str | None = None
+
+
+def train(recipe: Recipe) -> RunResult:
+    # ---- setup, in dependency order -------------------------------------------------------------
+    # Every user mistake surfaces here, before any weights or data are loaded.
+    checks = preflight(recipe)
+    accelerator = make_accelerator(recipe, log_with=list(recipe.logging.report_to))
+    say = accelerator.print
+    from accelerate.utils import set_seed
+
+    set_seed(recipe.train.seed)
+    out = recipe.output_dir
+    task = TASKS[recipe.task]
+    resume_from = resolve_resume(out, recipe.train.resume)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RESOLVED_RECIPE).write_text(recipe_to_yaml(recipe))
+    for line in checks.lines():
+        say(f"[peftrun] {line}")
+
+    # The data pipeline tokenizes with the tokenizer, so it comes first. The local main process
+    # tokenizes (and caches) before the others read the cache: no rank tokenizes while others wait
+    # in a collective that could time out.
+    tokenizer = load_tokenizer(recipe.model)
+    with accelerator.local_main_process_first():
+        data = prepare_data(recipe.data, tokenizer, recipe.train.seed, cache_dir=_cache_dir())
+    for line in data.report.lines():
+        say(f"[peftrun] data: {line}")
+
+    # The model after the data: a bad data row should not cost a model load.
+    model = make_trainable(load_model(recipe.model, recipe.task), recipe)
+    trainable, total = count_parameters(model)
+    say(f"[peftrun] trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    register_trainable_only_hooks(accelerator)
+
+    micro = recipe.train.micro_batch_size
+    collate_fn = partial(collate, pad_id=pad_id_for(tokenizer))
+    sampler = EpochShuffle(len(data.train), recipe.train.seed)
+    train_loader = DataLoader(data.train, batch_size=micro, sampler=sampler, collate_fn=collate_fn)
+    eval_loader = (
+        DataLoader(data.eval, batch_size=recipe.eval.batch_size or micro, collate_fn=collate_fn)
+        if data.eval is not None and len(data.eval) > 0
+        else None
+    )
+    # A fixed batch to compare the saved artefact's logits with the trained model's.
+    probe_batch = collate_fn([(data.eval if eval_loader else data.train)[i] for i in range(min(2, len(data.train)))])
+    optimizer = build_optimizer(model, recipe.train)
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    if eval_loader is not None:
+        eval_loader = accelerator.prepare(eval_loader)
+
+    accumulation = accelerator.gradient_accumulation_steps
+    steps_per_epoch = len(train_loader) // accumulation
+    if steps_per_epoch == 0:
+        raise UserError(
+            f"data: {len(data.train)} training samples give {len(train_loader)} micro-batches per process, "
+            f"fewer than one optimizer step needs ({accumulation}); lower train.micro_batch_size or the "
+            "global batch, or add data"
+        )
+    total_steps = recipe.train.epochs * steps_per_epoch
+    if recipe.train.max_steps is not None:
+        total_steps = min(total_steps, recipe.train.max_steps)
+    scheduler = accelerator.prepare(build_scheduler(optimizer, recipe.train, total_steps))
+
+    state = TrainerState()
+    if resume_from is not None:
+        state = load_checkpoint(accelerator, resume_from)
+        say(f"[peftrun] resumed from {resume_from} at step {state.step}")
+    if state.step >= total_steps:
+        say(f"[peftrun] nothing to train: the checkpoint is at step {state.step} and the run ends at {total_steps}")
+    metrics = MetricsLog(out / METRICS_FILE, resume_step=state.step if resume_from else None) if accelerator.is_main_process else None
+    accelerator.init_trackers(recipe.logging.project, config=_flat_config(recipe))
+    say(
+        f"[peftrun] {total_steps} optimizer steps ({steps_per_epoch}/epoch), global batch "
+        f"{micro * accumulation * accelerator.num_processes} samples = {accelerator.num_processes} process(es) "
+        f"x micro {micro} x accumulation {accumulation}"
+    )
+
+    # ---- the loop ------------------------------------------------------------------------------------
+    stop = StopRequest().install()
+    losses: list[float] = []
+    eval_loss: float | None = None
+    progress = _progress_bar(accelerator.is_main_process and recipe.logging.progress_bar, total_steps, state.step)
+    window_start = time.perf_counter()
+    tokens_in_window = 0
+    model.train()
+    while state.step < total_steps and not stop.requested:
+        sampler.set_epoch(state.epoch)
+        batches: Iterable[dict[str, torch.Tensor]] = (
+            accelerator.skip_first_batches(train_loader, state.batches_in_epoch) if state.batches_in_epoch else train_loader
+        )
+        for window in optimizer_steps(batches, accumulation):
+            loss, supervised, tokens, grad_norm = train_step(accelerator, model, optimizer, task, window, recipe.train)
+            scheduler.step()
+            state.step += 1
+            state.batches_in_epoch += accumulation
+            state.tokens_seen += supervised
+            state.last_loss = loss
+            losses.append(loss)
+            tokens_in_window += tokens
+
+            if state.step % recipe.logging.every_steps == 0 or state.step == total_steps:
+                seconds = time.perf_counter() - window_start
+                record = {
+                    "step": state.step,
+                    "epoch": round(state.epoch + state.batches_in_epoch / len(train_loader), 4),
+                    "loss": loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": tokens_in_window / max(seconds, 1e-9),
+                    "supervised_tokens": state.tokens_seen,
+                }
+                _log(accelerator, metrics, record)
+                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                window_start, tokens_in_window = time.perf_counter(), 0
+            progress.update(1)
+
+            if eval_loader is not None and recipe.eval.every_steps and state.step % recipe.eval.every_steps == 0:
+                eval_loss = _eval_and_log(accelerator, model, eval_loader, task, recipe, state.step, metrics)
+            if recipe.checkpoint.every_steps and state.step % recipe.checkpoint.every_steps == 0:
+                save_checkpoint(accelerator, out, state, recipe.checkpoint.keep_last)
+            # Every process must stop at the same step, or the next collective hangs.
+            if _any_process(accelerator, stop.requested):
+                stop.signal_name = stop.signal_name or "a signal on another process"
+            if state.step >= total_steps or stop.requested:
+                break
+        else:  # the epoch ran out
+            state.epoch += 1
+            state.batches_in_epoch = 0
+    progress.close()
+
+    # ---- save --------------------------------------------------------------------------------------------
+    if stop.requested:
+        path = save_checkpoint(accelerator, out, state, recipe.checkpoint.keep_last)
+        say(f"[peftrun] stopped by {stop.signal_name} at step {state.step}; checkpoint {path}")
+        say(f"[peftrun] continue with: peftrun train <recipe> train.resume=auto (output_dir {out})")
+        accelerator.end_training()
+        return RunResult(out, None, state.step, losses, eval_loss, stopped_by=stop.signal_name)
+    if eval_loader is not None and recipe.eval.at_end:
+        eval_loss = _eval_and_log(accelerator, model, eval_loader, task, recipe, state.step, metrics)
+    if recipe.checkpoint.at_end and losses:
+        save_checkpoint(accelerator, out, state, recipe.checkpoint.keep_last)
+    final_dir = save_final(accelerator, model, tokenizer, recipe, probe_batch)
+    if accelerator.is_main_process:
+        if recipe.logging.plot:
+            plot_losses(out / METRICS_FILE, out / PLOT_FILE)
+        write_manifest(
+            out / MANIFEST_FILE,
+            recipe=RESOLVED_RECIPE,
+            final=FINAL_DIR,
+            steps=state.step,
+            world_size=accelerator.num_processes,
+            trainable_parameters=trainable,
+            total_parameters=total,
+            final_train_loss=state.last_loss,
+            final_eval_loss=eval_loss,
+            data=asdict(data.report),
+        )
+    accelerator.end_training()
+    return RunResult(out, final_dir, state.step, losses, eval_loss)
+
+
+# ---- one optimizer step ---------------------------------------------------------------------------------
+
+
+def train_step(
+    accelerator: Any, model: Any, optimizer: Any, task: Task, window: list[dict[str, torch.Tensor]], cfg: TrainConfig
+) -> tuple[float, int, int, float | None]:
+    """Forward/backward over the step's micro-batches, then one optimizer update.
+
+    Returns (token-weighted loss over all processes, supervised tokens, input tokens, grad norm).
+    """
+    device = accelerator.device
+    local_targets = sum(int(task.targets_per_sample(b).sum()) for b in window)
+    local_tokens = sum(int(b["attention_mask"].sum()) for b in window)
+    counts = accelerator.reduce(torch.tensor([local_targets, local_tokens], device=device), reduction="sum")
+    step_targets, step_tokens = int(counts[0]), int(counts[1])
+    # accelerate divides each micro-batch loss by the accumulation steps and DDP averages over
+    # processes; multiplying both back makes the gradient sum(token losses) / step_targets exactly.
+    scale = len(window) * accelerator.num_processes / max(step_targets, 1)
+    loss_sum = torch.zeros((), device=device)
+    grad_norm = None
+    for batch in window:
+        with accelerator.accumulate(model):
+            per_sample = task.loss_per_sample(model, batch)
+            accelerator.backward(per_sample.sum() * scale)
+            loss_sum += per_sample.detach().sum()
+            if accelerator.sync_gradients and cfg.max_grad_norm is not None:
+                norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                grad_norm = float(norm) if norm is not None else None
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    if not accelerator.sync_gradients:
+        raise RuntimeError("internal: the optimizer step and accelerate's accumulation boundary disagree")
+    total_loss = float(accelerator.reduce(loss_sum, reduction="sum")) / max(step_targets, 1)
+    return total_loss, step_targets, step_tokens, grad_norm
+
+
+def optimizer_steps(batches: Iterable[dict[str, torch.Tensor]], size: int) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """Group micro-batches into optimizer steps; an epoch's leftover (< size) micro-batches are skipped.
+
+    The step's token count must be known before its first backward, so a step's batches are read
+    up front; a partial window would change the accumulation count mid-run.
+    """
+    window: list[dict[str, torch.Tensor]] = []
+    for batch in batches:
+        window.append(batch)
+        if len(window) == size:
+            yield window
+            window = []
+
+
+class EpochShuffle(Sampler[int]):
+    """A permutation per epoch from (seed, epoch): a resumed run sees exactly the same order."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def build_optimizer(model: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    # No weight decay on biases and norm gains (1-d tensors), as in every reference recipe.
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if cfg.optimizer == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, lr=cfg.lr, betas=cfg.betas)  # type: ignore[no-any-return]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> Any:
+    from transformers import get_scheduler
+
+    return get_scheduler(
+        "constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler,
+        optimizer,
+        num_warmup_steps=min(cfg.warmup_steps, total_steps),
+        num_training_steps=total_steps,
+    )
+
+
+# ---- evaluation ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(accelerator: Any, model: Any, loader: Any, task: Task, max_batches: int | None) -> float:
+    """Token-weighted eval loss over all processes (duplicates padding the last batch dropped)."""
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    targets = 0
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        per_sample = task.loss_per_sample(model, batch)
+        losses, counts = accelerator.gather_for_metrics((per_sample, task.targets_per_sample(batch)))
+        loss_sum += losses.double().sum().cpu()
+        targets += int(counts.sum())
+    model.train()
+    return float(loss_sum) / max(targets, 1)
+
+
+def _eval_and_log(accelerator: Any, model: Any, loader: Any, task: Task, recipe: Recipe, step: int, metrics: MetricsLog | None) -> float:
+    loss = evaluate(accelerator, model, loader, task, recipe.eval.max_batches)
+    _log(accelerator, metrics, {"step": step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))})
+    accelerator.print(f"[peftrun] step {step}: eval loss {loss:.4f}, perplexity {math.exp(min(loss, 50.0)):.2f}")
+    return loss
+
+
+# ---- the final artefact ---------------------------------------------------------------------------------------
+
+
+def save_final(accelerator: Any, model: Any, tokenizer: Any, recipe: Recipe, probe_batch: dict[str, torch.Tensor]) -> Path:
+    """Write the deployable artefact to output_dir/final, verified before it replaces the previous one."""
+    out = recipe.output_dir
+    state_dict = accelerator.get_state_dict(model)  # every process: gathers shards under ZeRO-3
+    final, tmp = out / FINAL_DIR, out / f".tmp-{FINAL_DIR}"
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        shutil.rmtree(tmp, ignore_errors=True)
+        _base_config(unwrapped).use_cache = True  # off for training only; generation wants it
+        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        _base_config(unwrapped).use_cache = False
+        tokenizer.save_pretrained(tmp)
+        shutil.copy(out / RESOLVED_RECIPE, tmp / RESOLVED_RECIPE)
+        try:
+            tensors = check_tensors(tmp, unwrapped)
+            reloaded = reload_artefact(tmp, recipe)
+            tolerance = logit_tolerance(DTYPES[recipe.model.dtype], recipe.model.quantization is not None)
+            diff = check_reload(reloaded, unwrapped, probe_batch, tolerance)
+        except VerificationError as exc:
+            raise UserError(f"the saved artefact failed verification and was not published: {exc}") from None
+        del reloaded
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.replace(final)
+        accelerator.print(
+            f"[peftrun] saved {final}: {tensors} tensors verified, reload logits max rel diff {diff:.1e} (tol {tolerance:.0e})"
+        )
+    accelerator.wait_for_everyone()
+    return final
+
+
+def reload_artefact(directory: Path, recipe: Recipe) -> Any:
+    """Load a saved artefact the way a user would: base + PeftModel.from_pretrained, or from_pretrained."""
+    if recipe.method.kind in ("full", "frozen"):
+        return TASKS[recipe.task].model_class().from_pretrained(directory, dtype=DTYPES[recipe.model.dtype])
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_model(recipe.model, recipe.task), directory)
+
+
+# ---- small helpers ------------------------------------------------------------------------------------------------
+
+
+def _base_config(model: Any) -> Any:
+    return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+
+
+def _any_process(accelerator: Any, flag: bool) -> bool:
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor(int(flag), device=accelerator.device), reduction="sum") > 0)
+
+
+def _log(accelerator: Any, metrics: MetricsLog | None, record: dict[str, Any]) -> None:
+    accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
+    if metrics is not None:
+        metrics.write(record)
+
+
+def _flat_config(recipe: Recipe) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for section, values in recipe.model_dump(mode="json").items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+        else:
+            flat[section] = values
+    flat.update({f"method.{k}": str(v) for k, v in recipe.method.options.items()})
+    return flat
+
+
+def _progress_bar(enabled: bool, total: int, initial: int) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", dynamic_ncols=True)
+
+
+def _cache_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("PEFTRUN_CACHE", Path.home() / ".cache" / "peftrun")) / "tokenized"

@@ -1,0 +1,116 @@
+"""Session fixtures: tiny models and tokenizers built once, locally (no hub), shared by all tests."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Keep tests off the network and quiet; each test's caches go to its own temp dirs.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+REPO = Path(__file__).resolve().parents[1]
+
+ALPACA_ROWS = [
+    {"instruction": f"Repeat the word {w} twice.", "input": "", "output": f"{w} {w}"}
+    for w in ["apple", "river", "stone", "cloud", "green", "music", "paper", "light", "tiger", "ocean", "maple", "sugar"]
+]
+CHAT_ROWS = [
+    {
+        "messages": [
+            {"role": "user", "content": f"Say {w}."},
+            {"role": "assistant", "content": f"{w}!"},
+            {"role": "user", "content": "Again."},
+            {"role": "assistant", "content": f"{w} again!"},
+        ]
+    }
+    for w in ["apple", "river", "stone", "cloud", "green", "music", "paper", "light"]
+]
+
+
+def _corpus() -> list[str]:
+    texts = [json.dumps(r) for r in ALPACA_ROWS + CHAT_ROWS]
+    texts.append("Below is an instruction that describes a task. ### Instruction: ### Input: ### Response:")
+    return texts * 4
+
+
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("peftrun_cache")
+    os.environ["PEFTRUN_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory, session_cache: Path) -> Path:
+    """A 2-layer, hidden-64 Llama with a 300-token BPE tokenizer (pad != eos), saved to disk."""
+    from peftrun.tiny import build_llama, build_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny_llama")
+    tokenizer = build_tokenizer(out, _corpus(), vocab_size=300)
+    return build_llama(out, tokenizer, hidden_size=64, num_layers=2, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Path:
+    """A 2-layer GPT-2 (Conv1D layers, tied embeddings) sharing the tiny tokenizer."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    out = tmp_path_factory.mktemp("tiny_gpt2")
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=256,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def alpaca_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "alpaca.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ALPACA_ROWS))
+    return path
+
+
+@pytest.fixture(scope="session")
+def chat_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in CHAT_ROWS))
+    return path
+
+
+@pytest.fixture
+def write_recipe(tmp_path: Path, tiny_llama: Path, alpaca_file: Path) -> Any:
+    """Write a recipe YAML for the tiny model; sections given as dicts are merged over the defaults."""
+    import yaml
+
+    def write(**sections: Any) -> Path:
+        recipe: dict[str, Any] = {
+            "output_dir": str(tmp_path / "run"),
+            "model": {"name_or_path": str(tiny_llama)},
+            "method": {"kind": "lora", "r": 4, "alpha": 8, "target_modules": "all-linear"},
+            "data": {"path": str(alpaca_file), "max_seq_len": 64},
+            "train": {"max_steps": 3, "micro_batch_size": 2, "lr": 1e-3, "max_grad_norm": None},
+            "logging": {"report_to": [], "progress_bar": False, "plot": False},
+            "checkpoint": {"at_end": False},
+        }
+        for key, value in sections.items():
+            if isinstance(value, dict) and isinstance(recipe.get(key), dict) and not value.pop("_replace", False):
+                recipe[key] = {**recipe[key], **value}
+            else:
+                recipe[key] = value
+        path = tmp_path / "recipe.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        return path
+
+    return write
