@@ -41,7 +41,7 @@ def make_accelerator(recipe: Recipe, log_with: list[str]) -> Any:
 
     world_size = launcher_world_size()
     handlers = []
-    if not torch.cuda.is_available():
+    if world_size > 1 and not torch.cuda.is_available():
         # Without an explicit gloo backend, accelerate under DeepSpeed on CPU ranks decides each rank
         # is alone (world size 1) while DeepSpeed sees them all: N unsharded copies training.
         handlers.append(InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=30)))

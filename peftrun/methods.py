@@ -9,11 +9,12 @@ peft adapter therefore works in peftrun the day peft ships it, with no code here
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import fnmatch
 import functools
 import re
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from peftrun.errors import OptionError, did_you_mean
@@ -22,10 +23,24 @@ NON_ADAPTER_KINDS = ("full", "frozen")
 # Short spellings of peft option names (what design docs and most users write).
 OPTION_ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
 # Bounds peft only enforces when the adapter is built on a model (too late for a recipe check).
-OPTION_BOUNDS: dict[str, tuple[float, float, str]] = {
-    "r": (1, float("inf"), "must be a positive integer"),
-    "num_virtual_tokens": (1, float("inf"), "must be a positive integer"),
-    "lora_dropout": (0.0, 0.999999, "must be in [0, 1)"),
+# Keyed by option name, then by adapter ('*': any adapter that has the option).
+_POSITIVE = (1, float("inf"), "must be a positive integer")
+OPTION_BOUNDS: dict[str, dict[str, tuple[float, float, str]]] = {
+    "r": {kind: _POSITIVE for kind in ("lora", "loha", "lokr", "vera", "adalora")},  # OFT: r=0 + block size
+    "num_virtual_tokens": {"*": _POSITIVE},
+    "lora_dropout": {"*": (0.0, 0.999999, "must be in [0, 1)")},
+}
+
+@dataclass(frozen=True)
+class AdapterSchedule:
+    """For adapters that follow the training schedule (AdaLoRA reallocates ranks as it goes)."""
+
+    total_steps_option: str  # filled with the run's optimizer steps (a placeholder during checks)
+    after_optimizer_step: Callable[[Any, int], None]
+
+
+ADAPTER_SCHEDULES = {
+    "adalora": AdapterSchedule("total_step", lambda model, step: model.base_model.update_and_allocate(step)),
 }
 # Derived by peftrun from the task and the model; a recipe setting them would be overridden silently.
 OWNED_OPTIONS = frozenset(
@@ -85,6 +100,9 @@ def build_peft_config(kind: str, options: Mapping[str, Any], task_type: str | No
     aliases = {alias: name for alias, name in OPTION_ALIASES.items() if name in types}
     known = sorted((set(types) - OWNED_OPTIONS) | set(aliases))
     values: dict[str, Any] = {}
+    schedule = ADAPTER_SCHEDULES.get(kind)
+    if schedule is not None:  # the real count is set by set_total_steps once the data is known
+        values[schedule.total_steps_option] = 1_000_000
     for key, value in options.items():
         name = aliases.get(key, key)
         if name in OWNED_OPTIONS:
@@ -92,7 +110,8 @@ def build_peft_config(kind: str, options: Mapping[str, Any], task_type: str | No
         if name not in types:
             raise OptionError(key, f"unknown option of method '{kind}' ({config_cls.__name__}){did_you_mean(key, known)}")
         values[name] = _check_type(key, types[name], value)
-        low, high, rule = OPTION_BOUNDS.get(name, (None, None, ""))
+        bounds = OPTION_BOUNDS.get(name, {})
+        low, high, rule = bounds.get(kind) or bounds.get("*") or (None, None, "")
         if low is not None and isinstance(values[name], (int, float)) and not low <= values[name] <= high:
             raise OptionError(key, f"{rule} (got {value!r})")
     try:
@@ -179,6 +198,33 @@ def apply_method(model: Any, method: Any, task_type: str) -> Any:
     from peft import get_peft_model
 
     return get_peft_model(model, build_peft_config(method.kind, method.options, task_type))
+
+
+def set_total_steps(model: Any, kind: str, total_steps: int) -> None:
+    """Tell a schedule-following adapter how long the run is (known only after the data is batched)."""
+    schedule = ADAPTER_SCHEDULES.get(kind)
+    if schedule is not None:
+        for config in model.peft_config.values():
+            setattr(config, schedule.total_steps_option, total_steps)
+
+
+def after_optimizer_step(model: Any, kind: str, step: int) -> None:
+    schedule = ADAPTER_SCHEDULES.get(kind)
+    if schedule is not None:
+        schedule.after_optimizer_step(model, step)
+
+
+# Adapters whose training may legitimately zero whole tensors (AdaLoRA prunes modules to rank 0).
+MAY_ZERO_TENSORS = frozenset({"adalora"})
+
+# LoRA inits that move the base weights (W -> W - BA at init): their adapter only reloads on the
+# original base after peft converts it to a plain LoRA of rank 2r at save time.
+BASE_MUTATING_INITS = ("pissa", "olora", "corda")
+
+
+def mutates_base(method: Any) -> bool:
+    init = method.options.get("init_lora_weights")
+    return isinstance(init, str) and init.startswith(BASE_MUTATING_INITS)
 
 
 def count_parameters(model: Any) -> tuple[int, int]:

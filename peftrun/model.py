@@ -136,8 +136,12 @@ def check_method_against_architecture(recipe: Recipe, model_config: Any) -> tupl
                     )
         elif isinstance(value, str) and value != "all-linear" and not any(re.fullmatch(value, n) for n in module_names):
             raise UserError(f"method.{key}: regex '{value}' matches no module name of {type(model).__name__}")
+    # Weight-dependent inits (PiSSA's SVD, OLoRA's QR, ...) need real weights; structure is what is checked.
+    method = recipe.method
+    if "init_lora_weights" in method.options:
+        method = method.model_copy(update={"init_lora_weights": True})
     try:
-        model = apply_method(model, recipe.method, TASKS[recipe.task].peft_task_type)
+        model = apply_method(model, method, TASKS[recipe.task].peft_task_type)
     except OptionError as exc:
         raise UserError(f"method.{exc.key}: {exc.message}") from None
     except (ValueError, TypeError, KeyError, NotImplementedError) as exc:

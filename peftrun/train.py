@@ -27,9 +27,9 @@ from peftrun.checkpoint import (
     save_checkpoint,
 )
 from peftrun.data import collate, pad_id_for, prepare_data
-from peftrun.dist import make_accelerator
+from peftrun.dist import is_deepspeed, make_accelerator
 from peftrun.errors import UserError
-from peftrun.methods import count_parameters
+from peftrun.methods import MAY_ZERO_TENSORS, after_optimizer_step, count_parameters, mutates_base, set_total_steps
 from peftrun.model import DTYPES, load_model, load_tokenizer, make_trainable
 from peftrun.outputs import (
     MANIFEST_FILE,
@@ -85,25 +85,40 @@ def train(recipe: Recipe) -> RunResult:
     with accelerator.local_main_process_first():
         data = prepare_data(recipe.data, tokenizer, recipe.train.seed, cache_dir=_cache_dir())
     for line in data.report.lines():
-        say(f"[peftrun] data: {line}")
+        say(f"[peftrun] {line}")
 
     # The model after the data: a bad data row should not cost a model load.
     model = make_trainable(load_model(recipe.model, recipe.task), recipe)
     trainable, total = count_parameters(model)
     say(f"[peftrun] trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     register_trainable_only_hooks(accelerator)
+    # PiSSA/OLoRA/CorDA move base weights at init; keeping the initial adapter lets the final save
+    # convert the trained one into a plain LoRA that loads on the original base.
+    initial_adapter = out / "initial_adapter" if mutates_base(recipe.method) else None
+    if initial_adapter is not None and accelerator.is_main_process and not initial_adapter.is_dir():
+        model.save_pretrained(initial_adapter)
 
     micro = recipe.train.micro_batch_size
     collate_fn = partial(collate, pad_id=pad_id_for(tokenizer))
     sampler = EpochShuffle(len(data.train), recipe.train.seed)
-    train_loader = DataLoader(data.train, batch_size=micro, sampler=sampler, collate_fn=collate_fn)
+    # Loaders get their own generator: starting an iterator (as a resumed run does mid-epoch) would
+    # otherwise draw from the global RNG and shift every dropout mask after it.
+    train_loader = DataLoader(
+        data.train, batch_size=micro, sampler=sampler, collate_fn=collate_fn, generator=torch.Generator().manual_seed(0)
+    )
     eval_loader = (
-        DataLoader(data.eval, batch_size=recipe.eval.batch_size or micro, collate_fn=collate_fn)
+        DataLoader(
+            data.eval,
+            batch_size=recipe.eval.batch_size or micro,
+            collate_fn=collate_fn,
+            generator=torch.Generator().manual_seed(0),
+        )
         if data.eval is not None and len(data.eval) > 0
         else None
     )
     # A fixed batch to compare the saved artefact's logits with the trained model's.
-    probe_batch = collate_fn([(data.eval if eval_loader else data.train)[i] for i in range(min(2, len(data.train)))])
+    probe_source = data.eval if eval_loader is not None else data.train
+    probe_batch = collate_fn([probe_source[i] for i in range(min(2, len(probe_source)))])
     optimizer = build_optimizer(model, recipe.train)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if eval_loader is not None:
@@ -121,6 +136,7 @@ def train(recipe: Recipe) -> RunResult:
     if recipe.train.max_steps is not None:
         total_steps = min(total_steps, recipe.train.max_steps)
     scheduler = accelerator.prepare(build_scheduler(optimizer, recipe.train, total_steps))
+    set_total_steps(accelerator.unwrap_model(model), recipe.method.kind, total_steps)
 
     state = TrainerState()
     if resume_from is not None:
@@ -153,6 +169,7 @@ def train(recipe: Recipe) -> RunResult:
             loss, supervised, tokens, grad_norm = train_step(accelerator, model, optimizer, task, window, recipe.train)
             scheduler.step()
             state.step += 1
+            after_optimizer_step(accelerator.unwrap_model(model), recipe.method.kind, state.step)
             state.batches_in_epoch += accumulation
             state.tokens_seen += supervised
             state.last_loss = loss
@@ -200,7 +217,7 @@ def train(recipe: Recipe) -> RunResult:
         eval_loss = _eval_and_log(accelerator, model, eval_loader, task, recipe, state.step, metrics)
     if recipe.checkpoint.at_end and losses:
         save_checkpoint(accelerator, out, state, recipe.checkpoint.keep_last)
-    final_dir = save_final(accelerator, model, tokenizer, recipe, probe_batch)
+    final_dir = save_final(accelerator, model, tokenizer, recipe, probe_batch, initial_adapter)
     if accelerator.is_main_process:
         if recipe.logging.plot:
             plot_losses(out / METRICS_FILE, out / PLOT_FILE)
@@ -240,6 +257,8 @@ def train_step(
     scale = len(window) * accelerator.num_processes / max(step_targets, 1)
     loss_sum = torch.zeros((), device=device)
     grad_norm = None
+    # Zeroed here, not after the update: per-step adapter hooks (AdaLoRA) read the step's gradients.
+    optimizer.zero_grad(set_to_none=True)
     for batch in window:
         with accelerator.accumulate(model):
             per_sample = task.loss_per_sample(model, batch)
@@ -249,7 +268,6 @@ def train_step(
                 norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 grad_norm = float(norm) if norm is not None else None
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
     if not accelerator.sync_gradients:
         raise RuntimeError("internal: the optimizer step and accelerate's accumulation boundary disagree")
     total_loss = float(accelerator.reduce(loss_sum, reduction="sum")) / max(step_targets, 1)
@@ -343,21 +361,38 @@ def _eval_and_log(accelerator: Any, model: Any, loader: Any, task: Task, recipe:
 # ---- the final artefact ---------------------------------------------------------------------------------------
 
 
-def save_final(accelerator: Any, model: Any, tokenizer: Any, recipe: Recipe, probe_batch: dict[str, torch.Tensor]) -> Path:
+def save_final(
+    accelerator: Any,
+    model: Any,
+    tokenizer: Any,
+    recipe: Recipe,
+    probe_batch: dict[str, torch.Tensor],
+    initial_adapter: Path | None = None,
+) -> Path:
     """Write the deployable artefact to output_dir/final, verified before it replaces the previous one."""
     out = recipe.output_dir
-    state_dict = accelerator.get_state_dict(model)  # every process: gathers shards under ZeRO-3
+    # Under DeepSpeed the weights are gathered from every process's shards (a collective); elsewhere
+    # the model holds them (and peft's PiSSA conversion breaks when given a state_dict).
+    state_dict = accelerator.get_state_dict(model) if is_deepspeed(accelerator) else None
     final, tmp = out / FINAL_DIR, out / f".tmp-{FINAL_DIR}"
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         shutil.rmtree(tmp, ignore_errors=True)
         _base_config(unwrapped).use_cache = True  # off for training only; generation wants it
-        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        convert = {"path_initial_model_for_weight_conversion": str(initial_adapter)} if initial_adapter else {}
+        gathered = {"state_dict": state_dict} if state_dict is not None else {}
+        unwrapped.save_pretrained(tmp, safe_serialization=True, **gathered, **convert)
         _base_config(unwrapped).use_cache = False
         tokenizer.save_pretrained(tmp)
         shutil.copy(out / RESOLVED_RECIPE, tmp / RESOLVED_RECIPE)
         try:
-            tensors = check_tensors(tmp, unwrapped)
+            # A converted adapter has rank 2r: its values are checked through the logits below.
+            tensors = check_tensors(
+                tmp,
+                unwrapped,
+                compare_values=initial_adapter is None,
+                each_nonzero=recipe.method.kind not in MAY_ZERO_TENSORS,
+            )
             reloaded = reload_artefact(tmp, recipe)
             tolerance = logit_tolerance(DTYPES[recipe.model.dtype], recipe.model.quantization is not None)
             diff = check_reload(reloaded, unwrapped, probe_batch, tolerance)

@@ -99,7 +99,7 @@ def write_recipe(tmp_path: Path, tiny_llama: Path, alpaca_file: Path) -> Any:
             "output_dir": str(tmp_path / "run"),
             "model": {"name_or_path": str(tiny_llama)},
             "method": {"kind": "lora", "r": 4, "alpha": 8, "target_modules": "all-linear"},
-            "data": {"path": str(alpaca_file), "max_seq_len": 64},
+            "data": {"path": str(alpaca_file), "max_seq_len": 256},
             "train": {"max_steps": 3, "micro_batch_size": 2, "lr": 1e-3, "max_grad_norm": None},
             "logging": {"report_to": [], "progress_bar": False, "plot": False},
             "checkpoint": {"at_end": False},

@@ -21,6 +21,7 @@ is added when blank lines make it differ).
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
 import sys
@@ -41,8 +42,10 @@ __all__ = [
     "KNOWN_ROLES",
     "SUPPORTED_SUFFIXES",
     "RowProblem",
+    "check_file",
     "check_source",
     "column_map",
+    "digest_file",
     "extract_fields",
     "is_hub_id",
     "read_rows",
@@ -110,9 +113,13 @@ def _read_jsonl(path: str, file: Path) -> Iterator[tuple[int | None, dict[str, A
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise _parse_error(path, f"line {line_no}: ", f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+                raise _parse_error(
+                    path, f"line {line_no}: ", f"invalid JSON ({exc.msg} at column {exc.colno})"
+                ) from None
             if not isinstance(record, dict):
-                raise _parse_error(path, f"line {line_no}: ", f"expected a JSON object, got {_type_name(record)}")
+                raise _parse_error(
+                    path, f"line {line_no}: ", f"expected a JSON object, got {_type_name(record)}"
+                )
             yield line_no, record
 
 
@@ -124,7 +131,9 @@ def _read_json(path: str, file: Path) -> Iterator[tuple[int | None, dict[str, An
         if exc.msg == "Extra data":  # several top-level values: JSON Lines saved as .json
             yield from _read_jsonl(path, file)
             return
-        raise _parse_error(path, "", f"invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+        raise _parse_error(
+            path, "", f"invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
+        ) from None
     if not isinstance(records, list):
         keys = f" with keys {', '.join(map(str, records))}" if isinstance(records, dict) else ""
         raise _parse_error(path, "", f"expected a JSON array of objects, got {_type_name(records)}{keys}")
@@ -146,7 +155,9 @@ def _read_csv(path: str, file: Path) -> Iterator[tuple[int | None, dict[str, Any
                 continue
             index += 1
             if header is not None and len(cells) != len(header):
-                raise _parse_error(path, f"row {index}: ", f"has {len(cells)} fields, the header has {len(header)}")
+                raise _parse_error(
+                    path, f"row {index}: ", f"has {len(cells)} fields, the header has {len(header)}"
+                )
             yield None, dict(zip(header or (), cells, strict=True))
 
 
@@ -173,7 +184,13 @@ def _read_txt(path: str, file: Path) -> Iterator[tuple[int | None, dict[str, Any
                 lines = []
 
 
-_READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet, ".txt": _read_txt}
+_READERS = {
+    ".jsonl": _read_jsonl,
+    ".json": _read_json,
+    ".csv": _read_csv,
+    ".parquet": _read_parquet,
+    ".txt": _read_txt,
+}
 
 
 def _iter_file(path: str, file: Path) -> Iterator[tuple[int | None, dict[str, Any]]]:
@@ -184,7 +201,9 @@ def _iter_file(path: str, file: Path) -> Iterator[tuple[int | None, dict[str, An
     try:
         yield from _READERS[file.suffix.lower()](path, file)
     except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})") from None
+        raise UserError(
+            f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
+        ) from None
 
 
 def _type_name(value: Any) -> str:
@@ -213,7 +232,9 @@ def _probe_hub(path: str, key: str) -> None:
     try:
         HfApi().dataset_info(path, timeout=_HUB_TIMEOUT_S)
     except GatedRepoError:
-        raise UserError(f"{key}: Hub dataset '{path}' is gated; accept its terms and log in (hf auth login)") from None
+        raise UserError(
+            f"{key}: Hub dataset '{path}' is gated; accept its terms and log in (hf auth login)"
+        ) from None
     except RepositoryNotFoundError:
         raise UserError(
             f"{key}: '{path}' is neither a local file nor a Hub dataset (or it is private: hf auth login)"
@@ -225,7 +246,9 @@ def _probe_hub(path: str, key: str) -> None:
         ) from None
 
 
-def _load_hub(path: str, split: str, key: str, *, streaming: bool = False, cache_dir: Path | None = None) -> Any:
+def _load_hub(
+    path: str, split: str, key: str, *, streaming: bool = False, cache_dir: Path | None = None
+) -> Any:
     import datasets
 
     if not _hub_offline():
@@ -235,7 +258,9 @@ def _load_hub(path: str, split: str, key: str, *, streaming: bool = False, cache
             path, split=split, streaming=streaming, cache_dir=str(cache_dir) if cache_dir else None
         )
     except ConnectionError as exc:
-        raise UserError(f"{key}: cannot load Hub dataset '{path}' offline and it is not in the cache ({exc})") from None
+        raise UserError(
+            f"{key}: cannot load Hub dataset '{path}' offline and it is not in the cache ({exc})"
+        ) from None
     except ValueError as exc:  # unknown split and similar
         raise UserError(f"{key}: cannot load Hub dataset '{path}' split '{split}': {exc}") from None
 
@@ -332,7 +357,8 @@ def _check_format_fits(path: str, key: str, file: Path, fmt: str) -> None:
         raise UserError(f"{key}: {path}: chat messages are nested lists, which CSV cannot hold; use .jsonl")
 
 
-def _check_local(path: str, key: str, cfg: DataConfig, max_rows: int | None) -> None:
+def check_file(path: str, cfg: DataConfig, key: str = "data.path", max_rows: int | None = None) -> None:
+    """Check a local data file (its first `max_rows` rows) against `cfg`; `key` names it in errors."""
     file = _local_file(path, key)
     _check_format_fits(path, key, file, cfg.format)
     _check_rows(path, islice(_iter_file(path, file), max_rows), cfg)
@@ -350,9 +376,18 @@ def check_source(cfg: DataConfig) -> None:
         limit = min(cfg.max_samples or _HUB_CHECK_ROWS, _HUB_CHECK_ROWS)
         _check_rows(cfg.path, ((None, row) for row in islice(iter(rows), limit)), cfg)
     else:
-        _check_local(cfg.path, "data.path", cfg, cfg.max_samples)
+        check_file(cfg.path, cfg, "data.path", cfg.max_samples)
     if cfg.val_path is not None:
-        _check_local(cfg.val_path, "data.val_path", cfg, None)
+        check_file(cfg.val_path, cfg, "data.val_path")
+
+
+def digest_file(path: str, key: str = "data.path") -> str:
+    """sha256 of a local data file's bytes: the cache key of what was read from it."""
+    digest = hashlib.sha256()
+    with _local_file(path, key).open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _dataset_from_records(path: str, records: list[dict[str, Any]], columns: Sequence[str] | None) -> Any:
@@ -363,7 +398,9 @@ def _dataset_from_records(path: str, records: list[dict[str, Any]], columns: Seq
     try:
         return datasets.Dataset.from_dict(table)
     except Exception as exc:  # pyarrow cannot give one type to a column holding several
-        raise UserError(f"{path}: cannot build a table from the file ({exc}); check the types of its columns") from None
+        raise UserError(
+            f"{path}: cannot build a table from the file ({exc}); check the types of its columns"
+        ) from None
 
 
 def read_rows(

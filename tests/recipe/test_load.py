@@ -1,0 +1,112 @@
+"""Recipe loading: every user mistake becomes one line naming the file (or command line) and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from peftrun.errors import UserError
+from peftrun.recipe.load import load_recipe, parse_override, recipe_to_yaml
+
+BASE = {"output_dir": "runs/x", "model": {"name_or_path": "m"}, "data": {"path": "d.jsonl"}}
+
+
+def _write(tmp_path: Path, data: object) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def _merge(**sections: dict) -> dict:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in BASE.items()}
+    for key, value in sections.items():
+        out[key] = {**out.get(key, {}), **value} if isinstance(value, dict) else value
+    return out
+
+
+BAD_RECIPES = [
+    (_merge(trian={}), "trian: unknown key; did you mean 'train'?"),
+    (_merge(model={"dtpye": "bf16"}), "model.dtpye: unknown key; did you mean 'dtype'?"),
+    (_merge(method={"kind": "lora", "droput": 0.1}), "method.droput: unknown option of method 'lora' (LoraConfig); did you mean 'dropout'?"),
+    (_merge(method={"kind": "lorra"}), "method.kind: unknown method 'lorra'; did you mean 'lora'?"),
+    (_merge(method={"kind": "lora", "r": 0}), "method.r: must be a positive integer (got 0)"),
+    (_merge(method={"kind": "lora", "r": "big"}), "method.r: Input should be a valid integer"),
+    (_merge(method={"kind": "lora", "bias": "nonee"}), "method.bias: Input should be 'none', 'all' or 'lora_only' (got 'nonee')"),
+    (_merge(method={"kind": "lora", "task_type": "SEQ_CLS"}), "method.task_type: is set by peftrun"),
+    (_merge(method={"kind": "full", "r": 8}), "method.r: not an option of method 'full'"),
+    (_merge(method={"kind": "frozen"}), "method.freeze: method 'frozen' needs at least one pattern"),
+    (_merge(method={"kind": "lora", "freeze": ["all"]}), "method.freeze: only for kind: frozen"),
+    (_merge(method={"kind": "ia3", "r": 4}), "method.r: unknown option of method 'ia3' (IA3Config)"),
+    (_merge(train={"lr": -1}), "train.lr: Input should be greater than 0 (got -1)"),
+    (_merge(train={"epochs": "two"}), "train.epochs: Input should be a valid integer"),
+    (_merge(train={"scheduler": "cosin"}), "train.scheduler: Input should be 'cosine', 'linear' or 'constant'"),
+    (_merge(data={"format": "sharegpt"}), "data.format: Input should be 'alpaca', 'chat' or 'text'"),
+    (_merge(data={"val_fraction": 0.1, "val_path": "v.jsonl"}), "data: set either val_fraction or val_path, not both"),
+    (_merge(model={"name_or_path": "m", "quantization": {"bits": 3}}), "model.quantization.bits: Input should be 4 or 8"),
+    (_merge(method={"kind": "full"}, model={"quantization": {"bits": 4}}), "method.kind=full cannot train quantized weights"),
+    ({"model": {"name_or_path": "m"}, "data": {"path": "d"}}, "output_dir: required key is missing"),
+    ("model: [unclosed", "not valid YAML"),
+    ("- a list", "a recipe is a YAML mapping"),
+]
+
+
+@pytest.mark.parametrize(("data", "message"), BAD_RECIPES, ids=[m[:40] for _, m in BAD_RECIPES])
+def test_bad_recipe_gives_one_clear_line(tmp_path: Path, data: object, message: str) -> None:
+    path = _write(tmp_path, data)
+    with pytest.raises(UserError) as info:
+        load_recipe(path)
+    text = str(info.value)
+    assert message in text
+    assert text.startswith(str(path)), "the error must name the recipe file"
+    assert "Traceback" not in text
+
+
+def test_several_mistakes_are_all_reported(tmp_path: Path) -> None:
+    path = _write(tmp_path, _merge(trian={}, model={"dtpye": "bf16"}))
+    with pytest.raises(UserError) as info:
+        load_recipe(path)
+    assert len(str(info.value).splitlines()) == 2
+
+
+def test_missing_recipe_file(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_overrides_go_through_the_schema(tmp_path: Path) -> None:
+    path = _write(tmp_path, _merge(method={"kind": "lora", "r": 8}))
+    recipe = load_recipe(path, ["train.lr=1e-4", "method.r=32", "train.max_steps=20", "data.columns={output: answer}"])
+    assert recipe.train.lr == pytest.approx(1e-4)
+    assert recipe.method.options["r"] == 32
+    assert recipe.train.max_steps == 20
+    assert recipe.data.columns == {"output": "answer"}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lrr=1e-4", "command line: train.lrr: unknown key; did you mean 'lr'?"),
+        ("method.r=0", "command line: method.r: must be a positive integer"),
+        ("train.max_steps=-2", "command line: train.max_steps: Input should be greater than 0"),
+        ("train.lr", "expected dotted.key=value"),
+        ("output_dir.x=1", "'output_dir' is not a section"),
+    ],
+)
+def test_bad_override(tmp_path: Path, override: str, message: str) -> None:
+    with pytest.raises(UserError) as info:
+        load_recipe(_write(tmp_path, BASE), [override])
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(("text", "value"), [("a=1e-4", 1e-4), ("a=3", 3), ("a=true", True), ("a=null", None), ("a=[x, y]", ["x", "y"]), ("a=cosine", "cosine")])
+def test_parse_override_values(text: str, value: object) -> None:
+    assert parse_override(text) == (["a"], value)
+
+
+def test_resolved_recipe_round_trips(tmp_path: Path) -> None:
+    recipe = load_recipe(_write(tmp_path, _merge(method={"kind": "lora", "r": 8, "alpha": 16})))
+    again = load_recipe(_write(tmp_path, recipe_to_yaml(recipe)))
+    assert again == recipe
+    assert again.method.options == {"r": 8, "alpha": 16}

@@ -1,0 +1,173 @@
+"""Real training runs on a tiny Llama: every method, the invariances, resume, outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from peftrun.recipe.load import load_recipe
+from peftrun.train import RunResult, train
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state() -> Any:
+    """accelerate keeps process-wide singletons; each run in this process starts from a clean slate."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def run(recipe_path: Path, *overrides: str) -> RunResult:
+    return train(load_recipe(recipe_path, list(overrides)))
+
+
+def adapter_tensors(final: Path) -> dict[str, torch.Tensor]:
+    return load_file(final / "adapter_model.safetensors")
+
+
+METHODS: list[tuple[str, dict[str, Any]]] = [
+    ("lora", {"kind": "lora", "r": 4, "alpha": 8, "target_modules": "all-linear"}),
+    ("dora", {"kind": "lora", "r": 4, "use_dora": True, "target_modules": ["q_proj", "v_proj"]}),
+    ("rslora+modules_to_save", {"kind": "lora", "r": 4, "use_rslora": True, "target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}),
+    ("pissa", {"kind": "lora", "r": 4, "init_lora_weights": "pissa_niter_2", "target_modules": ["q_proj", "v_proj"]}),
+    ("ia3", {"kind": "ia3", "target_modules": ["k_proj", "down_proj"], "feedforward_modules": ["down_proj"]}),
+    ("prefix_tuning", {"kind": "prefix_tuning", "num_virtual_tokens": 4}),
+    ("prompt_tuning", {"kind": "prompt_tuning", "num_virtual_tokens": 4}),
+    ("loha", {"kind": "loha", "r": 4, "target_modules": ["q_proj", "v_proj"]}),
+    ("lokr", {"kind": "lokr", "r": 4, "target_modules": ["q_proj", "v_proj"]}),
+    ("oft", {"kind": "oft", "r": 0, "oft_block_size": 8, "target_modules": ["q_proj", "v_proj"]}),
+    ("vera", {"kind": "vera", "r": 8, "target_modules": ["q_proj", "v_proj"]}),
+    ("adalora", {"kind": "adalora", "init_r": 6, "target_r": 2, "target_modules": ["q_proj", "v_proj"]}),
+]
+
+
+@pytest.mark.parametrize(("name", "method"), METHODS, ids=[m[0] for m in METHODS])
+def test_each_adapter_trains_and_saves_a_loadable_verified_adapter(write_recipe: Any, tiny_llama: Path, name: str, method: dict[str, Any]) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    result = run(write_recipe(method={**method, "_replace": True}), "train.max_steps=3")
+    assert result.steps == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+    final = result.final_dir
+    assert final is not None and (final / "adapter_config.json").is_file()
+    assert json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_llama)
+    saved = adapter_tensors(final)
+    nonzero = [bool(t.any()) for t in saved.values()]
+    # AdaLoRA may prune a whole module to rank 0; every other adapter moves every tensor.
+    assert saved and (any(nonzero) if method["kind"] == "adalora" else all(nonzero))
+    # What a user does with it, with no peftrun involved.
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), final)
+    assert model.peft_config["default"].peft_type.value.lower() == method["kind"]
+
+
+def test_full_fine_tune_saves_a_transformers_checkpoint(write_recipe: Any, tiny_llama: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    result = run(write_recipe(method={"kind": "full", "_replace": True}))
+    assert result.final_dir is not None
+    before = AutoModelForCausalLM.from_pretrained(tiny_llama).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(result.final_dir).state_dict()
+    assert set(before) == set(after)
+    assert all(not torch.equal(before[k], after[k]) for k in before if k.endswith("proj.weight"))
+
+
+def test_frozen_layers_stay_bit_identical(write_recipe: Any, tiny_llama: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    method = {"kind": "frozen", "freeze": ["all"], "train": ["layers[-1:]", "lm_head.*"], "_replace": True}
+    result = run(write_recipe(method=method))
+    assert result.final_dir is not None
+    before = AutoModelForCausalLM.from_pretrained(tiny_llama).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(result.final_dir).state_dict()
+    trained = [k for k in before if k.startswith("model.layers.1.") or k.startswith("lm_head.")]
+    frozen = [k for k in before if k not in trained]
+    assert trained and frozen
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert all(not torch.equal(before[k], after[k]) for k in trained if k.endswith("proj.weight"))
+
+
+def test_qlora_on_a_4bit_nf4_base_on_cpu(write_recipe: Any) -> None:
+    pytest.importorskip("bitsandbytes")
+    quant = {"bits": 4, "quant_type": "nf4", "compute_dtype": "fp32"}
+    result = run(write_recipe(model={"quantization": quant}))
+    assert result.final_dir is not None and all(torch.isfinite(torch.tensor(result.losses)))
+    cfg = json.loads((result.final_dir / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA"
+
+
+def test_accumulation_is_token_weighted(write_recipe: Any, tmp_path: Path) -> None:
+    """micro 2 x accumulation 2 == micro 4 x accumulation 1: same losses and same adapter."""
+    recipe = write_recipe(train={"max_steps": 3, "lr": 1e-2})
+    a = run(recipe, "train.micro_batch_size=2", "train.grad_accum_steps=2", f"output_dir={tmp_path / 'a'}")
+    b = run(recipe, "train.micro_batch_size=4", "train.grad_accum_steps=1", f"output_dir={tmp_path / 'b'}")
+    torch.testing.assert_close(torch.tensor(a.losses), torch.tensor(b.losses), rtol=1e-5, atol=0)
+    assert a.final_dir and b.final_dir
+    ta, tb = adapter_tensors(a.final_dir), adapter_tensors(b.final_dir)
+    for key in ta:
+        torch.testing.assert_close(ta[key], tb[key], rtol=1e-4, atol=1e-6)
+
+
+def test_resumed_run_continues_exactly(write_recipe: Any, tmp_path: Path) -> None:
+    """Stop at step 3, resume to 6: steps 4-6 have the uninterrupted run's losses (dropout on).
+
+    The schedule is constant because max_steps=3 would also shorten a decaying schedule.
+    """
+    recipe = write_recipe(
+        method={"dropout": 0.1},
+        train={"max_steps": 6, "lr": 1e-2, "micro_batch_size": 2, "scheduler": "constant"},
+        checkpoint={"every_steps": 3, "at_end": True},
+    )
+    full = run(recipe, f"output_dir={tmp_path / 'full'}")
+    first = run(recipe, f"output_dir={tmp_path / 'split'}", "train.max_steps=3")
+    second = run(recipe, f"output_dir={tmp_path / 'split'}", "train.resume=auto")
+    assert first.steps == 3 and second.steps == 6 and len(second.losses) == 3
+    torch.testing.assert_close(torch.tensor(first.losses + second.losses), torch.tensor(full.losses), rtol=1e-5, atol=0)
+    assert full.final_dir and second.final_dir
+    ta, tb = adapter_tensors(full.final_dir), adapter_tensors(second.final_dir)
+    for key in ta:
+        torch.testing.assert_close(ta[key], tb[key], rtol=1e-5, atol=1e-7)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s in steps if s] == sorted(s for s in steps if s), "metrics.jsonl tells one history"
+
+
+def test_run_directory_describes_itself(write_recipe: Any) -> None:
+    recipe = write_recipe(
+        data={"val_fraction": 0.25},
+        eval={"every_steps": 2},
+        logging={"plot": True, "report_to": ["tensorboard"]},
+        checkpoint={"every_steps": 1, "keep_last": 2, "at_end": True},
+        train={"max_steps": 4},
+    )
+    result = run(recipe)
+    out = result.output_dir
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if "eval_loss" in r] == [2, 4, 4]
+    assert all(r["eval_perplexity"] > 1 for r in records if "eval_loss" in r)
+    assert (out / "loss.png").stat().st_size > 1000
+    assert list((out / "tensorboard").rglob("events.out.tfevents*"))
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-00000003", "step-00000004"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["steps"] == 4 and "torch" in manifest["versions"] and "peft" in manifest["versions"]
+    assert load_recipe(out / "resolved_recipe.yaml").train.max_steps == 4
+    assert (out / "final" / "tokenizer.json").is_file()
+
+
+def test_max_steps_override_caps_the_run(write_recipe: Any) -> None:
+    result = run(write_recipe(train={"max_steps": None, "epochs": 50}), "train.max_steps=2")
+    assert result.steps == 2 and len(result.losses) == 2
+
+
+def test_too_little_data_for_one_step_is_a_clear_error(write_recipe: Any) -> None:
+    from peftrun.errors import UserError
+
+    with pytest.raises(UserError, match="fewer than one optimizer step needs"):
+        run(write_recipe(train={"micro_batch_size": 4, "grad_accum_steps": 8}))
