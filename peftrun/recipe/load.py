@@ -71,7 +71,9 @@ def _format_error(error: dict[str, Any], origin: str, from_cli: set[tuple[str, .
         message = error["msg"].removeprefix("Value error, ")
         if "input" in error and error["type"] not in ("model_type", "dict_type") and not isinstance(error["input"], dict):
             message += f" (got {error['input']!r})"
-    where = "command line" if any(loc[: len(p)] == p for p in from_cli) else origin
+    # 'trian.lr=1' fails at 'trian', 'train.lrr=1' at 'train.lrr': one path is a prefix of the other.
+    shared = [min(len(loc), len(p)) for p in from_cli]
+    where = "command line" if any(n and loc[:n] == p[:n] for n, p in zip(shared, from_cli, strict=True)) else origin
     return f"{where}: {'.'.join(loc) or '(top level)'}: {message}"
 
 
