@@ -68,7 +68,10 @@ def register_trainable_only_hooks(accelerator: Any) -> None:
     def save_hook(models: list[Any], weights: list[dict[str, Any]], output_dir: str) -> None:
         for model, state in zip(models, weights, strict=True):
             keep = trainable_names(model)
-            save_file({k: v.contiguous() for k, v in state.items() if k in keep}, os.path.join(output_dir, TRAINABLE_FILE))
+            save_file(
+                {k: v.contiguous() for k, v in state.items() if k in keep},
+                os.path.join(output_dir, TRAINABLE_FILE),
+            )
         weights.clear()  # accelerate must not write the full model as well
 
     def load_hook(models: list[Any], input_dir: str) -> None:

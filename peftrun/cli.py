@@ -23,18 +23,32 @@ def _keys_help(section: str | None = None) -> str:
     def walk(model: type[BaseModel], prefix: str) -> None:
         for name, field in model.model_fields.items():
             annotation = field.annotation
-            nested = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+            nested = [
+                a
+                for a in getattr(annotation, "__args__", (annotation,))
+                if isinstance(a, type) and issubclass(a, BaseModel)
+            ]
             if nested:
                 walk(nested[0], f"{prefix}{name}.")
                 continue
-            default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
+            default = (
+                "required"
+                if field.is_required()
+                else f"default {field.get_default(call_default_factory=True)!r}"
+            )
             lines.append(f"  {prefix}{name}  ({default})\n      {field.description or ''}")
 
     walk(Recipe, "")
     if section:
         lines = [line for line in lines if line.strip().startswith(section)]
-    doc = (Recipe.model_fields["method"].annotation.__doc__ or "") if not section or section == "method" else ""
-    return "recipe keys (set in YAML or as key=value overrides):\n" + "\n".join(lines) + ("\n\nmethod:" + doc if doc else "")
+    doc = (
+        (Recipe.model_fields["method"].annotation.__doc__ or "") if not section or section == "method" else ""
+    )
+    return (
+        "recipe keys (set in YAML or as key=value overrides):\n"
+        + "\n".join(lines)
+        + ("\n\nmethod:" + doc if doc else "")
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,12 +62,21 @@ def build_parser() -> argparse.ArgumentParser:
     formatter = argparse.RawDescriptionHelpFormatter
     for name, summary in (
         ("train", "train what the recipe says and save a verified artefact to output_dir/final"),
-        ("validate", "check the recipe and its files against the model's architecture; print the resolved recipe"),
+        (
+            "validate",
+            "check the recipe and its files against the model's architecture; print the resolved recipe",
+        ),
     ):
-        cmd = sub.add_parser(name, help=summary, description=summary, epilog=_keys_help(), formatter_class=formatter)
+        cmd = sub.add_parser(
+            name, help=summary, description=summary, epilog=_keys_help(), formatter_class=formatter
+        )
         cmd.add_argument("recipe", help="path to a recipe YAML")
-        cmd.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe keys, e.g. train.lr=1e-4")
-    demo = sub.add_parser("demo", help="train the built-in tiny demo (no downloads) and show before/after generations")
+        cmd.add_argument(
+            "overrides", nargs="*", metavar="key=value", help="override recipe keys, e.g. train.lr=1e-4"
+        )
+    demo = sub.add_parser(
+        "demo", help="train the built-in tiny demo (no downloads) and show before/after generations"
+    )
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="override demo recipe keys")
     keys = sub.add_parser("keys", help="list every recipe key with its default and description")
     keys.add_argument("section", nargs="?", help="only keys starting with this (e.g. train)")

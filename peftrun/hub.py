@@ -15,7 +15,7 @@ _PATH_PREFIXES = (".", "/", "~")
 
 def looks_like_local_path(name: str) -> bool:
     """A Hub id is 'name' or 'org/name'; anything else is meant as a path on disk."""
-    return name.startswith(_PATH_PREFIXES) or name.count("/") > 1 or os.sep in name and name.count("/") != 1
+    return name.startswith(_PATH_PREFIXES) or name.count("/") > 1 or (os.sep in name and name.count("/") != 1)
 
 
 @functools.cache
@@ -25,7 +25,9 @@ def hub_unreachable_reason() -> str | None:
         return "HF_HUB_OFFLINE is set"
     endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
-        with socket.create_connection((endpoint.hostname or "huggingface.co", endpoint.port or 443), timeout=3):
+        with socket.create_connection(
+            (endpoint.hostname or "huggingface.co", endpoint.port or 443), timeout=3
+        ):
             return None
     except OSError as exc:
         return f"{endpoint.hostname} is unreachable ({exc.strerror or exc})"

@@ -8,13 +8,14 @@ peft adapter therefore works in peftrun the day peft ships it, with no code here
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from dataclasses import dataclass
 import fnmatch
 import functools
 import re
 import typing
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from peftrun.errors import OptionError, did_you_mean
@@ -31,6 +32,7 @@ OPTION_BOUNDS: dict[str, dict[str, tuple[float, float, str]]] = {
     "lora_dropout": {"*": (0.0, 0.999999, "must be in [0, 1)")},
 }
 
+
 @dataclass(frozen=True)
 class AdapterSchedule:
     """For adapters that follow the training schedule (AdaLoRA reallocates ranks as it goes)."""
@@ -44,7 +46,15 @@ ADAPTER_SCHEDULES = {
 }
 # Derived by peftrun from the task and the model; a recipe setting them would be overridden silently.
 OWNED_OPTIONS = frozenset(
-    {"task_type", "peft_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version"}
+    {
+        "task_type",
+        "peft_type",
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+        "auto_mapping",
+        "peft_version",
+    }
 )
 
 
@@ -63,10 +73,9 @@ def method_kinds() -> list[str]:
 @functools.cache
 def _option_types(config_cls: type) -> dict[str, Any]:
     fields = {f.name: Any for f in dataclasses.fields(config_cls)}
-    try:
+    # A peft annotation we cannot resolve: names are still checked, types are not.
+    with contextlib.suppress(Exception):
         fields.update(typing.get_type_hints(config_cls))
-    except Exception:  # a peft annotation we cannot resolve: names are still checked, types are not
-        pass
     return fields
 
 
@@ -108,7 +117,9 @@ def build_peft_config(kind: str, options: Mapping[str, Any], task_type: str | No
         if name in OWNED_OPTIONS:
             raise OptionError(key, "is set by peftrun (from the task and model), not by the recipe")
         if name not in types:
-            raise OptionError(key, f"unknown option of method '{kind}' ({config_cls.__name__}){did_you_mean(key, known)}")
+            raise OptionError(
+                key, f"unknown option of method '{kind}' ({config_cls.__name__}){did_you_mean(key, known)}"
+            )
         values[name] = _check_type(key, types[name], value)
         bounds = OPTION_BOUNDS.get(name, {})
         low, high, rule = bounds.get(kind) or bounds.get("*") or (None, None, "")
@@ -124,9 +135,13 @@ def check_method_options(kind: str, options: Mapping[str, Any], has_freeze: bool
     """Schema-time checks that need no model: the kind exists and its options are its own."""
     if kind in NON_ADAPTER_KINDS:
         for key in options:
-            raise OptionError(key, f"not an option of method '{kind}'{did_you_mean(key, ['freeze', 'train'])}")
+            raise OptionError(
+                key, f"not an option of method '{kind}'{did_you_mean(key, ['freeze', 'train'])}"
+            )
         if kind == "frozen" and not has_freeze:
-            raise OptionError("freeze", "method 'frozen' needs at least one pattern to freeze (e.g. ['layers[:2]'])")
+            raise OptionError(
+                "freeze", "method 'frozen' needs at least one pattern to freeze (e.g. ['layers[:2]'])"
+            )
         return
     if kind not in adapter_kinds():
         raise OptionError("kind", f"unknown method '{kind}'{did_you_mean(kind, method_kinds())}")
@@ -177,7 +192,9 @@ def frozen_parameter_names(names: Iterable[str], freeze: list[str], train: list[
             matched = select_parameters(names, pattern)
             if not matched:
                 example = names[0] if names else "(none)"
-                raise OptionError(f"{key}[{i}]", f"'{pattern}' matches no parameter (names look like '{example}')")
+                raise OptionError(
+                    f"{key}[{i}]", f"'{pattern}' matches no parameter (names look like '{example}')"
+                )
             frozen = frozen | matched if key == "freeze" else frozen - matched
     return frozen
 

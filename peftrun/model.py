@@ -40,7 +40,9 @@ def load_model_config(cfg: ModelConfig) -> Any:
     try:
         return read(local_only=False)
     except (OSError, ValueError) as exc:
-        raise UserError(f"model.name_or_path: cannot read a model config from '{cfg.name_or_path}': {_first_line(exc)}") from None
+        raise UserError(
+            f"model.name_or_path: cannot read a model config from '{cfg.name_or_path}': {_first_line(exc)}"
+        ) from None
 
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
@@ -48,7 +50,9 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
 
     source = cfg.tokenizer or cfg.name_or_path
     try:
-        return AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        return AutoTokenizer.from_pretrained(
+            source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
     except (OSError, ValueError) as exc:
         key = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
         raise UserError(f"{key}: cannot load a tokenizer from '{source}': {_first_line(exc)}") from None
@@ -123,7 +127,11 @@ def check_method_against_architecture(recipe: Recipe, model_config: Any) -> tupl
     Returns (trainable, total) parameter counts.
     """
     with torch.device("meta"):
-        model = TASKS[recipe.task].model_class().from_config(model_config, trust_remote_code=recipe.model.trust_remote_code)
+        model = (
+            TASKS[recipe.task]
+            .model_class()
+            .from_config(model_config, trust_remote_code=recipe.model.trust_remote_code)
+        )
     module_names = [n for n, _ in model.named_modules() if n]
     for key in ("target_modules", "modules_to_save", "feedforward_modules", "exclude_modules"):
         value = recipe.method.options.get(key)
@@ -134,7 +142,11 @@ def check_method_against_architecture(recipe: Recipe, model_config: Any) -> tupl
                         f"method.{key}[{i}]: '{entry}' matches no module of {type(model).__name__} "
                         f"(linear layers here: {', '.join(_linear_leaf_names(model)) or 'none'})"
                     )
-        elif isinstance(value, str) and value != "all-linear" and not any(re.fullmatch(value, n) for n in module_names):
+        elif (
+            isinstance(value, str)
+            and value != "all-linear"
+            and not any(re.fullmatch(value, n) for n in module_names)
+        ):
             raise UserError(f"method.{key}: regex '{value}' matches no module name of {type(model).__name__}")
     # Weight-dependent inits (PiSSA's SVD, OLoRA's QR, ...) need real weights; structure is what is checked.
     method = recipe.method
@@ -145,7 +157,9 @@ def check_method_against_architecture(recipe: Recipe, model_config: Any) -> tupl
     except OptionError as exc:
         raise UserError(f"method.{exc.key}: {exc.message}") from None
     except (ValueError, TypeError, KeyError, NotImplementedError) as exc:
-        raise UserError(f"method: peft cannot apply '{recipe.method.kind}' to {type(model).__name__}: {_first_line(exc)}") from None
+        raise UserError(
+            f"method: peft cannot apply '{recipe.method.kind}' to {type(model).__name__}: {_first_line(exc)}"
+        ) from None
     return count_parameters(model)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import platform
@@ -14,16 +15,24 @@ METRICS_FILE = "metrics.jsonl"
 MANIFEST_FILE = "manifest.json"
 RESOLVED_RECIPE = "resolved_recipe.yaml"
 PLOT_FILE = "loss.png"
-LIBRARIES = ("peftrun", "torch", "transformers", "peft", "accelerate", "datasets", "tokenizers", "deepspeed", "bitsandbytes")
+LIBRARIES = (
+    "peftrun",
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "datasets",
+    "tokenizers",
+    "deepspeed",
+    "bitsandbytes",
+)
 
 
 def library_versions() -> dict[str, str]:
     found = {"python": platform.python_version()}
     for name in LIBRARIES:
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
     return found
 
 
@@ -36,7 +45,11 @@ class MetricsLog:
         if resume_step is None:
             path.write_text("")
         elif path.is_file():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            kept = [
+                line
+                for line in path.read_text().splitlines()
+                if line and json.loads(line)["step"] <= resume_step
+            ]
             path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:

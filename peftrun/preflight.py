@@ -43,7 +43,9 @@ def preflight(recipe: Recipe) -> Preflight:
             raise UserError(f"logging.report_to: '{tracker}' is not installed (pip install {module})")
     needs_bnb = recipe.model.quantization is not None or recipe.train.optimizer == "adamw_8bit"
     if needs_bnb and importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError("model.quantization / train.optimizer=adamw_8bit need bitsandbytes (pip install bitsandbytes)")
+        raise UserError(
+            "model.quantization / train.optimizer=adamw_8bit need bitsandbytes (pip install bitsandbytes)"
+        )
     resolve_resume(recipe.output_dir, recipe.train.resume)
     check_source(recipe.data)
     world_size = launcher_world_size()

@@ -9,7 +9,9 @@ from __future__ import annotations
 import signal
 from types import FrameType
 
-STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None)
+STOP_SIGNALS = tuple(
+    s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None
+)
 
 
 class StopRequest:
@@ -29,7 +31,9 @@ class StopRequest:
                 raise KeyboardInterrupt
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
-            print(f"\n[peftrun] {self.signal_name}: finishing this step, then saving a checkpoint", flush=True)
+            print(
+                f"\n[peftrun] {self.signal_name}: finishing this step, then saving a checkpoint", flush=True
+            )
 
     @property
     def requested(self) -> bool:

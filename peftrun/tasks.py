@@ -46,7 +46,9 @@ class Task:
     name: str
     auto_class: str  # the transformers Auto class that loads the model
     peft_task_type: str  # peft's TaskType, which picks the PeftModel wrapper
-    loss_per_sample: Callable[[Any, dict[str, torch.Tensor]], torch.Tensor]  # summed over each sample's targets
+    loss_per_sample: Callable[
+        [Any, dict[str, torch.Tensor]], torch.Tensor
+    ]  # summed over each sample's targets
     targets_per_sample: Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
     def model_class(self) -> Any:

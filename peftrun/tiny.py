@@ -37,7 +37,9 @@ DEMO_DATA_DIR = Path(__file__).parent / "demo_data"
 DEMO_SETTINGS = {"vocab_size": 1024, "hidden_size": 128, "num_layers": 2, "seed": 0}
 
 
-def build_tokenizer(out_dir: str | Path, corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    out_dir: str | Path, corpus: Iterable[str], vocab_size: int = 512
+) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on `corpus`, save it to `out_dir` and return it.
 
     Byte-level, so any text round-trips through encode/decode. Special tokens: `<unk>` 0, `<s>` (bos) 1,

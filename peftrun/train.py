@@ -29,7 +29,13 @@ from peftrun.checkpoint import (
 from peftrun.data import collate, pad_id_for, prepare_data
 from peftrun.dist import is_deepspeed, make_accelerator
 from peftrun.errors import UserError
-from peftrun.methods import MAY_ZERO_TENSORS, after_optimizer_step, count_parameters, mutates_base, set_total_steps
+from peftrun.methods import (
+    MAY_ZERO_TENSORS,
+    after_optimizer_step,
+    count_parameters,
+    mutates_base,
+    set_total_steps,
+)
 from peftrun.model import DTYPES, load_model, load_tokenizer, make_trainable
 from peftrun.outputs import (
     MANIFEST_FILE,
@@ -104,7 +110,11 @@ def train(recipe: Recipe) -> RunResult:
     # Loaders get their own generator: starting an iterator (as a resumed run does mid-epoch) would
     # otherwise draw from the global RNG and shift every dropout mask after it.
     train_loader = DataLoader(
-        data.train, batch_size=micro, sampler=sampler, collate_fn=collate_fn, generator=torch.Generator().manual_seed(0)
+        data.train,
+        batch_size=micro,
+        sampler=sampler,
+        collate_fn=collate_fn,
+        generator=torch.Generator().manual_seed(0),
     )
     eval_loader = (
         DataLoader(
@@ -117,7 +127,7 @@ def train(recipe: Recipe) -> RunResult:
         else None
     )
     # A fixed batch to compare the saved artefact's logits with the trained model's.
-    probe_source = data.eval if eval_loader is not None else data.train
+    probe_source = data.eval if eval_loader is not None and data.eval is not None else data.train
     probe_batch = collate_fn([probe_source[i] for i in range(min(2, len(probe_source)))])
     optimizer = build_optimizer(model, recipe.train)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
@@ -143,8 +153,14 @@ def train(recipe: Recipe) -> RunResult:
         state = load_checkpoint(accelerator, resume_from)
         say(f"[peftrun] resumed from {resume_from} at step {state.step}")
     if state.step >= total_steps:
-        say(f"[peftrun] nothing to train: the checkpoint is at step {state.step} and the run ends at {total_steps}")
-    metrics = MetricsLog(out / METRICS_FILE, resume_step=state.step if resume_from else None) if accelerator.is_main_process else None
+        say(
+            f"[peftrun] nothing to train: the checkpoint is at step {state.step} and the run ends at {total_steps}"
+        )
+    metrics = (
+        MetricsLog(out / METRICS_FILE, resume_step=state.step if resume_from else None)
+        if accelerator.is_main_process
+        else None
+    )
     accelerator.init_trackers(recipe.logging.project, config=_flat_config(recipe))
     say(
         f"[peftrun] {total_steps} optimizer steps ({steps_per_epoch}/epoch), global batch "
@@ -156,17 +172,23 @@ def train(recipe: Recipe) -> RunResult:
     stop = StopRequest().install()
     losses: list[float] = []
     eval_loss: float | None = None
-    progress = _progress_bar(accelerator.is_main_process and recipe.logging.progress_bar, total_steps, state.step)
+    progress = _progress_bar(
+        accelerator.is_main_process and recipe.logging.progress_bar, total_steps, state.step
+    )
     window_start = time.perf_counter()
     tokens_in_window = 0
     model.train()
     while state.step < total_steps and not stop.requested:
         sampler.set_epoch(state.epoch)
         batches: Iterable[dict[str, torch.Tensor]] = (
-            accelerator.skip_first_batches(train_loader, state.batches_in_epoch) if state.batches_in_epoch else train_loader
+            accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
+            if state.batches_in_epoch
+            else train_loader
         )
         for window in optimizer_steps(batches, accumulation):
-            loss, supervised, tokens, grad_norm = train_step(accelerator, model, optimizer, task, window, recipe.train)
+            loss, supervised, tokens, grad_norm = train_step(
+                accelerator, model, optimizer, task, window, recipe.train
+            )
             scheduler.step()
             state.step += 1
             after_optimizer_step(accelerator.unwrap_model(model), recipe.method.kind, state.step)
@@ -188,11 +210,17 @@ def train(recipe: Recipe) -> RunResult:
                     "supervised_tokens": state.tokens_seen,
                 }
                 _log(accelerator, metrics, record)
-                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                progress.set_postfix(
+                    loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
+                )
                 window_start, tokens_in_window = time.perf_counter(), 0
             progress.update(1)
 
-            if eval_loader is not None and recipe.eval.every_steps and state.step % recipe.eval.every_steps == 0:
+            if (
+                eval_loader is not None
+                and recipe.eval.every_steps
+                and state.step % recipe.eval.every_steps == 0
+            ):
                 eval_loss = _eval_and_log(accelerator, model, eval_loader, task, recipe, state.step, metrics)
             if recipe.checkpoint.every_steps and state.step % recipe.checkpoint.every_steps == 0:
                 save_checkpoint(accelerator, out, state, recipe.checkpoint.keep_last)
@@ -241,7 +269,12 @@ def train(recipe: Recipe) -> RunResult:
 
 
 def train_step(
-    accelerator: Any, model: Any, optimizer: Any, task: Task, window: list[dict[str, torch.Tensor]], cfg: TrainConfig
+    accelerator: Any,
+    model: Any,
+    optimizer: Any,
+    task: Task,
+    window: list[dict[str, torch.Tensor]],
+    cfg: TrainConfig,
 ) -> tuple[float, int, int, float | None]:
     """Forward/backward over the step's micro-batches, then one optimizer update.
 
@@ -274,7 +307,9 @@ def train_step(
     return total_loss, step_targets, step_tokens, grad_norm
 
 
-def optimizer_steps(batches: Iterable[dict[str, torch.Tensor]], size: int) -> Iterator[list[dict[str, torch.Tensor]]]:
+def optimizer_steps(
+    batches: Iterable[dict[str, torch.Tensor]], size: int
+) -> Iterator[list[dict[str, torch.Tensor]]]:
     """Group micro-batches into optimizer steps; an epoch's leftover (< size) micro-batches are skipped.
 
     The step's token count must be known before its first backward, so a step's batches are read
@@ -316,7 +351,7 @@ def build_optimizer(model: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw_8bit":
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(groups, lr=cfg.lr, betas=cfg.betas)  # type: ignore[no-any-return]
+        return bnb.optim.AdamW8bit(groups, lr=cfg.lr, betas=cfg.betas)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
 
@@ -351,10 +386,22 @@ def evaluate(accelerator: Any, model: Any, loader: Any, task: Task, max_batches:
     return float(loss_sum) / max(targets, 1)
 
 
-def _eval_and_log(accelerator: Any, model: Any, loader: Any, task: Task, recipe: Recipe, step: int, metrics: MetricsLog | None) -> float:
+def _eval_and_log(
+    accelerator: Any,
+    model: Any,
+    loader: Any,
+    task: Task,
+    recipe: Recipe,
+    step: int,
+    metrics: MetricsLog | None,
+) -> float:
     loss = evaluate(accelerator, model, loader, task, recipe.eval.max_batches)
-    _log(accelerator, metrics, {"step": step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))})
-    accelerator.print(f"[peftrun] step {step}: eval loss {loss:.4f}, perplexity {math.exp(min(loss, 50.0)):.2f}")
+    _log(
+        accelerator, metrics, {"step": step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+    )
+    accelerator.print(
+        f"[peftrun] step {step}: eval loss {loss:.4f}, perplexity {math.exp(min(loss, 50.0)):.2f}"
+    )
     return loss
 
 
@@ -379,7 +426,9 @@ def save_final(
         unwrapped = accelerator.unwrap_model(model)
         shutil.rmtree(tmp, ignore_errors=True)
         _base_config(unwrapped).use_cache = True  # off for training only; generation wants it
-        convert = {"path_initial_model_for_weight_conversion": str(initial_adapter)} if initial_adapter else {}
+        convert = (
+            {"path_initial_model_for_weight_conversion": str(initial_adapter)} if initial_adapter else {}
+        )
         gathered = {"state_dict": state_dict} if state_dict is not None else {}
         unwrapped.save_pretrained(tmp, safe_serialization=True, **gathered, **convert)
         _base_config(unwrapped).use_cache = False

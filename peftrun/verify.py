@@ -43,7 +43,11 @@ def read_saved_tensors(directory: Path) -> dict[str, torch.Tensor]:
     if (directory / ADAPTER_WEIGHTS).is_file():
         return load_file(directory / ADAPTER_WEIGHTS)
     index = directory / "model.safetensors.index.json"
-    shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    shards = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if index.is_file()
+        else ["model.safetensors"]
+    )
     tensors: dict[str, torch.Tensor] = {}
     for shard in shards:
         if not (directory / shard).is_file():
@@ -106,7 +110,9 @@ def logits_on(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+    out = model(
+        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+    ).logits
     model.train(was_training)
     return out.float().cpu()
 
@@ -121,9 +127,13 @@ def check_reload(reloaded: Any, trained: Any, batch: dict[str, torch.Tensor], to
     expected = logits_on(trained, batch)
     got = logits_on(reloaded, batch)
     if got.shape != expected.shape:
-        raise VerificationError(f"reloaded model gives logits of shape {tuple(got.shape)}, trained {tuple(expected.shape)}")
+        raise VerificationError(
+            f"reloaded model gives logits of shape {tuple(got.shape)}, trained {tuple(expected.shape)}"
+        )
     scale = max(1.0, float(expected.abs().max()))
     diff = float((got - expected).abs().max()) / scale
     if not diff <= tolerance:
-        raise VerificationError(f"reloaded model's logits differ from the trained model's by {diff:.3e} (> {tolerance:.0e})")
+        raise VerificationError(
+            f"reloaded model's logits differ from the trained model's by {diff:.3e} (> {tolerance:.0e})"
+        )
     return diff

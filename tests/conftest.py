@@ -18,7 +18,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 ALPACA_ROWS = [
     {"instruction": f"Repeat the word {w} twice.", "input": "", "output": f"{w} {w}"}
-    for w in ["apple", "river", "stone", "cloud", "green", "music", "paper", "light", "tiger", "ocean", "maple", "sugar"]
+    for w in [
+        "apple",
+        "river",
+        "stone",
+        "cloud",
+        "green",
+        "music",
+        "paper",
+        "light",
+        "tiger",
+        "ocean",
+        "maple",
+        "sugar",
+    ]
 ]
 CHAT_ROWS = [
     {
@@ -64,8 +77,13 @@ def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Pat
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     out = tmp_path_factory.mktemp("tiny_gpt2")
     config = GPT2Config(
-        vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=256,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     import torch
 
@@ -105,7 +123,11 @@ def write_recipe(tmp_path: Path, tiny_llama: Path, alpaca_file: Path) -> Any:
             "checkpoint": {"at_end": False},
         }
         for key, value in sections.items():
-            if isinstance(value, dict) and isinstance(recipe.get(key), dict) and not value.pop("_replace", False):
+            if (
+                isinstance(value, dict)
+                and isinstance(recipe.get(key), dict)
+                and not value.pop("_replace", False)
+            ):
                 recipe[key] = {**recipe[key], **value}
             else:
                 recipe[key] = value

@@ -17,7 +17,9 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def peftrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "peftrun", *args], capture_output=True, text=True, timeout=timeout, env=ENV)
+    return subprocess.run(
+        [sys.executable, "-m", "peftrun", *args], capture_output=True, text=True, timeout=timeout, env=ENV
+    )
 
 
 def test_help_lists_commands_and_documents_every_key() -> None:
@@ -25,7 +27,14 @@ def test_help_lists_commands_and_documents_every_key() -> None:
     assert top.returncode == 0 and "train" in top.stdout and "validate" in top.stdout
     train_help = peftrun("train", "--help")
     assert train_help.returncode == 0
-    for key in ("output_dir", "train.max_steps", "train.lr", "method.kind", "data.format", "model.quantization.bits"):
+    for key in (
+        "output_dir",
+        "train.max_steps",
+        "train.lr",
+        "method.kind",
+        "data.format",
+        "model.quantization.bits",
+    ):
         assert key in train_help.stdout
 
 
@@ -60,7 +69,9 @@ def test_a_mistake_in_a_real_process_has_no_traceback(write_recipe: Any) -> None
     started = time.perf_counter()
     result = peftrun("train", str(write_recipe()), "method.droput=0.1")
     assert result.returncode == 2
-    assert result.stderr.strip().endswith("method.droput: unknown option of method 'lora' (LoraConfig); did you mean 'dropout'?")
+    assert result.stderr.strip().endswith(
+        "method.droput: unknown option of method 'lora' (LoraConfig); did you mean 'dropout'?"
+    )
     assert "Traceback" not in result.stderr
     assert time.perf_counter() - started < 60  # no model is loaded: seconds, not minutes
 
@@ -75,7 +86,11 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(write_recipe: Any, tmp_pa
     out = tmp_path / "run"
     recipe = str(write_recipe(output_dir=str(out), train={"max_steps": 10_000, "epochs": 10_000}))
     process = subprocess.Popen(
-        [sys.executable, "-m", "peftrun", "train", recipe], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV
+        [sys.executable, "-m", "peftrun", "train", recipe],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ENV,
     )
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120

@@ -102,7 +102,10 @@ def test_freeze_ranges_then_train_overrides() -> None:
         GPT2, ["transformer.wte.*", "transformer.wpe.*", "h[:-2]"], ["*.ln_1.*", "*.ln_2.*"]
     )
     layer_norms = {n for n in GPT2 if ".ln_1." in n or ".ln_2." in n}
-    assert frozen == ({"transformer.wte.weight", "transformer.wpe.weight"} | blocks("gpt2", *range(10))) - layer_norms
+    assert (
+        frozen
+        == ({"transformer.wte.weight", "transformer.wpe.weight"} | blocks("gpt2", *range(10))) - layer_norms
+    )
     assert "transformer.h.10.attn.c_attn.weight" not in frozen
     assert "transformer.ln_f.weight" not in frozen
 
@@ -151,7 +154,13 @@ CONFIG_CASES: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     (
         "lora",
         {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"], "use_rslora": True},
-        {"r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": {"q_proj", "v_proj"}, "use_rslora": True},
+        {
+            "r": 4,
+            "lora_alpha": 8,
+            "lora_dropout": 0.1,
+            "target_modules": {"q_proj", "v_proj"},
+            "use_rslora": True,
+        },
     ),
     (
         "lora",
@@ -165,17 +174,31 @@ CONFIG_CASES: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ),
     ("prefix_tuning", {"num_virtual_tokens": 4}, {"num_virtual_tokens": 4}),
     ("prompt_tuning", {"num_virtual_tokens": 20}, {"num_virtual_tokens": 20}),
-    ("loha", {"r": 4, "alpha": 8, "target_modules": ["q_proj"]}, {"r": 4, "alpha": 8, "target_modules": {"q_proj"}}),
-    ("lokr", {"r": 4, "alpha": 4, "target_modules": ["v_proj"]}, {"r": 4, "alpha": 4, "target_modules": {"v_proj"}}),
+    (
+        "loha",
+        {"r": 4, "alpha": 8, "target_modules": ["q_proj"]},
+        {"r": 4, "alpha": 8, "target_modules": {"q_proj"}},
+    ),
+    (
+        "lokr",
+        {"r": 4, "alpha": 4, "target_modules": ["v_proj"]},
+        {"r": 4, "alpha": 4, "target_modules": {"v_proj"}},
+    ),
     ("oft", {"r": 0, "oft_block_size": 8, "target_modules": ["q_proj"]}, {"r": 0, "oft_block_size": 8}),
-    ("vera", {"r": 8, "target_modules": ["q_proj", "v_proj"]}, {"r": 8, "target_modules": {"q_proj", "v_proj"}}),
+    (
+        "vera",
+        {"r": 8, "target_modules": ["q_proj", "v_proj"]},
+        {"r": 8, "target_modules": {"q_proj", "v_proj"}},
+    ),
     # AdaLoRA follows the schedule: total_step is a placeholder until the run's step count is known.
     ("adalora", {"init_r": 6, "target_r": 2}, {"init_r": 6, "target_r": 2, "total_step": 1_000_000}),
 ]
 
 
 @pytest.mark.parametrize(
-    ("kind", "options", "expected"), CONFIG_CASES, ids=[f"{k}-{i}" for i, (k, _, _) in enumerate(CONFIG_CASES)]
+    ("kind", "options", "expected"),
+    CONFIG_CASES,
+    ids=[f"{k}-{i}" for i, (k, _, _) in enumerate(CONFIG_CASES)],
 )
 def test_build_peft_config(kind: str, options: dict[str, Any], expected: dict[str, Any]) -> None:
     config = build_peft_config(kind, options, task_type="CAUSAL_LM")
@@ -195,12 +218,22 @@ def test_build_peft_config_does_not_mutate_options() -> None:
 @pytest.mark.parametrize(
     ("kind", "options", "key", "message"),
     [
-        ("lora", {"alpah": 8}, "alpah", "unknown option of method 'lora' (LoraConfig); did you mean 'alpha'?"),
+        (
+            "lora",
+            {"alpah": 8},
+            "alpah",
+            "unknown option of method 'lora' (LoraConfig); did you mean 'alpha'?",
+        ),
         ("lora", {"target_module": ["q_proj"]}, "target_module", "did you mean 'target_modules'?"),
         ("lora", {"zzz_qqq": 1}, "zzz_qqq", "unknown option of method 'lora' (LoraConfig)"),
         # 'dropout' is short for lora_dropout only where the adapter has one
         ("ia3", {"dropout": 0.1}, "dropout", "unknown option of method 'ia3' (IA3Config)"),
-        ("prompt_tuning", {"num_virtual_token": 4}, "num_virtual_token", "did you mean 'num_virtual_tokens'?"),
+        (
+            "prompt_tuning",
+            {"num_virtual_token": 4},
+            "num_virtual_token",
+            "did you mean 'num_virtual_tokens'?",
+        ),
         ("lora", {"r": "big"}, "r", "Input should be a valid integer"),
         ("lora", {"use_dora": "perhaps"}, "use_dora", "(got 'perhaps')"),
         ("lora", {"target_modules": 5}, "target_modules", "(got 5)"),

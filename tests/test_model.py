@@ -56,13 +56,17 @@ def test_target_module_typo_names_the_entry_and_lists_linear_layers(write_recipe
 
 def test_target_module_regex_matching_nothing(write_recipe: Any) -> None:
     recipe = recipe_for(write_recipe, {"kind": "lora", "r": 4, "target_modules": r".*\.(q|v)_prj"})
-    with pytest.raises(UserError, match=r"^method\.target_modules: regex '.*' matches no module name of LlamaForCausalLM"):
+    with pytest.raises(
+        UserError, match=r"^method\.target_modules: regex '.*' matches no module name of LlamaForCausalLM"
+    ):
         check(recipe)
 
 
 def test_target_module_regex_that_matches_is_accepted(write_recipe: Any, tiny_llama: Path) -> None:
     options = {"r": 4, "target_modules": r".*\.(q|v)_proj"}
-    assert check(recipe_for(write_recipe, {"kind": "lora", **options})) == real_counts(tiny_llama, "lora", options)
+    assert check(recipe_for(write_recipe, {"kind": "lora", **options})) == real_counts(
+        tiny_llama, "lora", options
+    )
 
 
 def test_modules_to_save_typo(write_recipe: Any) -> None:
@@ -88,7 +92,9 @@ def test_exclude_modules_typo(write_recipe: Any) -> None:
         (["all"], ["lm_head.*", "model.nrm.*"], "method.train[1]"),
     ],
 )
-def test_frozen_pattern_matching_nothing(write_recipe: Any, freeze: list[str], train: list[str], key: str) -> None:
+def test_frozen_pattern_matching_nothing(
+    write_recipe: Any, freeze: list[str], train: list[str], key: str
+) -> None:
     recipe = recipe_for(write_recipe, {"kind": "frozen", "freeze": freeze, "train": train})
     with pytest.raises(UserError) as info:
         check(recipe)
@@ -100,8 +106,12 @@ def test_frozen_counts(write_recipe: Any, tiny_llama: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    recipe = recipe_for(write_recipe, {"kind": "frozen", "freeze": ["all"], "train": ["layers[-1:]", "lm_head.*"]})
-    trainable = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("model.layers.1.", "lm_head.")))
+    recipe = recipe_for(
+        write_recipe, {"kind": "frozen", "freeze": ["all"], "train": ["layers[-1:]", "lm_head.*"]}
+    )
+    trainable = sum(
+        p.numel() for n, p in model.named_parameters() if n.startswith(("model.layers.1.", "lm_head."))
+    )
     assert check(recipe) == (trainable, sum(p.numel() for p in model.parameters()))
 
 
@@ -116,13 +126,29 @@ def test_full_counts(write_recipe: Any, tiny_llama: Path) -> None:
     ("family", "kind", "options"),
     [
         ("llama", "lora", {"r": 4, "alpha": 8, "target_modules": "all-linear"}),
-        ("llama", "lora", {"r": 4, "use_dora": True, "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head"]}),
+        (
+            "llama",
+            "lora",
+            {
+                "r": 4,
+                "use_dora": True,
+                "target_modules": ["q_proj", "v_proj"],
+                "modules_to_save": ["lm_head"],
+            },
+        ),
         ("llama", "prefix_tuning", {"num_virtual_tokens": 4}),
         ("gpt2", "lora", {"r": 4, "alpha": 8, "target_modules": "all-linear"}),  # Conv1D layers
         ("gpt2", "lora", {"r": 4, "target_modules": ["c_attn", "c_fc"]}),
         ("gpt2", "ia3", {"target_modules": ["c_attn", "mlp.c_proj"], "feedforward_modules": ["mlp.c_proj"]}),
     ],
-    ids=["llama-lora-all-linear", "llama-dora", "llama-prefix", "gpt2-lora-all-linear", "gpt2-lora", "gpt2-ia3"],
+    ids=[
+        "llama-lora-all-linear",
+        "llama-dora",
+        "llama-prefix",
+        "gpt2-lora-all-linear",
+        "gpt2-lora",
+        "gpt2-ia3",
+    ],
 )
 def test_counts_match_a_real_peft_model(
     request: pytest.FixtureRequest, write_recipe: Any, family: str, kind: str, options: dict[str, Any]
@@ -149,7 +175,9 @@ def test_pissa_init_is_checked_structurally(write_recipe: Any, tiny_llama: Path)
 )
 def test_gpt2_target_module_typo_lists_its_conv1d_layers(write_recipe: Any, tiny_gpt2: Path) -> None:
     recipe = recipe_for(
-        write_recipe, {"kind": "lora", "r": 4, "target_modules": ["c_atn"]}, model={"name_or_path": str(tiny_gpt2)}
+        write_recipe,
+        {"kind": "lora", "r": 4, "target_modules": ["c_atn"]},
+        model={"name_or_path": str(tiny_gpt2)},
     )
     with pytest.raises(UserError, match=r"^method\.target_modules\[0\]: 'c_atn'") as info:
         check(recipe)
@@ -204,7 +232,9 @@ def test_preflight_hub_id_while_offline_is_fast_and_one_line(
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
 def test_preflight_wandb_not_installed(write_recipe: Any) -> None:
-    with pytest.raises(UserError, match=r"^logging\.report_to: 'wandb' is not installed \(pip install wandb\)$"):
+    with pytest.raises(
+        UserError, match=r"^logging\.report_to: 'wandb' is not installed \(pip install wandb\)$"
+    ):
         preflight(recipe_for(write_recipe, logging={"report_to": ["wandb"]}))
 
 
@@ -215,7 +245,10 @@ def test_preflight_global_batch_not_divisible(write_recipe: Any, monkeypatch: py
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError) as info:
         preflight(recipe)
-    assert str(info.value) == "train.global_batch_size: 6 is not a multiple of micro_batch_size (2) x processes (2) = 4"
+    assert (
+        str(info.value)
+        == "train.global_batch_size: 6 is not a multiple of micro_batch_size (2) x processes (2) = 4"
+    )
     monkeypatch.delenv("WORLD_SIZE")
     with pytest.raises(UserError, match="not a multiple"):
         preflight(recipe_for(write_recipe, train={"micro_batch_size": 4, "global_batch_size": 6}))
@@ -238,10 +271,12 @@ def nf4_model(write_recipe: Any) -> Any:
     return load_model(recipe_for(write_recipe, model={"quantization": NF4}).model, "causal_lm")
 
 
-def test_load_model_4bit_nf4_on_cpu(nf4_model: Any, tiny_llama: Path) -> None:
+def test_load_model_4bit_nf4_on_cpu(nf4_model: Any) -> None:
     import bitsandbytes as bnb
 
-    linear = {n: m for n, m in nf4_model.named_modules() if isinstance(m, (torch.nn.Linear, bnb.nn.Linear4bit))}
+    linear = {
+        n: m for n, m in nf4_model.named_modules() if isinstance(m, (torch.nn.Linear, bnb.nn.Linear4bit))
+    }
     blocks = {n: m for n, m in linear.items() if n.startswith("model.layers.")}
     assert len(blocks) == 2 * 7
     assert all(isinstance(m, bnb.nn.Linear4bit) for m in blocks.values())

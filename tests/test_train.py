@@ -36,8 +36,25 @@ def adapter_tensors(final: Path) -> dict[str, torch.Tensor]:
 METHODS: list[tuple[str, dict[str, Any]]] = [
     ("lora", {"kind": "lora", "r": 4, "alpha": 8, "target_modules": "all-linear"}),
     ("dora", {"kind": "lora", "r": 4, "use_dora": True, "target_modules": ["q_proj", "v_proj"]}),
-    ("rslora+modules_to_save", {"kind": "lora", "r": 4, "use_rslora": True, "target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}),
-    ("pissa", {"kind": "lora", "r": 4, "init_lora_weights": "pissa_niter_2", "target_modules": ["q_proj", "v_proj"]}),
+    (
+        "rslora+modules_to_save",
+        {
+            "kind": "lora",
+            "r": 4,
+            "use_rslora": True,
+            "target_modules": ["q_proj"],
+            "modules_to_save": ["lm_head"],
+        },
+    ),
+    (
+        "pissa",
+        {
+            "kind": "lora",
+            "r": 4,
+            "init_lora_weights": "pissa_niter_2",
+            "target_modules": ["q_proj", "v_proj"],
+        },
+    ),
     ("ia3", {"kind": "ia3", "target_modules": ["k_proj", "down_proj"], "feedforward_modules": ["down_proj"]}),
     ("prefix_tuning", {"kind": "prefix_tuning", "num_virtual_tokens": 4}),
     ("prompt_tuning", {"kind": "prompt_tuning", "num_virtual_tokens": 4}),
@@ -50,7 +67,9 @@ METHODS: list[tuple[str, dict[str, Any]]] = [
 
 
 @pytest.mark.parametrize(("name", "method"), METHODS, ids=[m[0] for m in METHODS])
-def test_each_adapter_trains_and_saves_a_loadable_verified_adapter(write_recipe: Any, tiny_llama: Path, name: str, method: dict[str, Any]) -> None:
+def test_each_adapter_trains_and_saves_a_loadable_verified_adapter(
+    write_recipe: Any, tiny_llama: Path, name: str, method: dict[str, Any]
+) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -58,7 +77,9 @@ def test_each_adapter_trains_and_saves_a_loadable_verified_adapter(write_recipe:
     assert result.steps == 3 and all(torch.isfinite(torch.tensor(result.losses)))
     final = result.final_dir
     assert final is not None and (final / "adapter_config.json").is_file()
-    assert json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_llama)
+    assert json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        tiny_llama
+    )
     saved = adapter_tensors(final)
     nonzero = [bool(t.any()) for t in saved.values()]
     # AdaLoRA may prune a whole module to rank 0; every other adapter moves every tensor.
@@ -129,12 +150,16 @@ def test_resumed_run_continues_exactly(write_recipe: Any, tmp_path: Path) -> Non
     first = run(recipe, f"output_dir={tmp_path / 'split'}", "train.max_steps=3")
     second = run(recipe, f"output_dir={tmp_path / 'split'}", "train.resume=auto")
     assert first.steps == 3 and second.steps == 6 and len(second.losses) == 3
-    torch.testing.assert_close(torch.tensor(first.losses + second.losses), torch.tensor(full.losses), rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        torch.tensor(first.losses + second.losses), torch.tensor(full.losses), rtol=1e-5, atol=0
+    )
     assert full.final_dir and second.final_dir
     ta, tb = adapter_tensors(full.final_dir), adapter_tensors(second.final_dir)
     for key in ta:
         torch.testing.assert_close(ta[key], tb[key], rtol=1e-5, atol=1e-7)
-    steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(line)["step"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [s for s in steps if s] == sorted(s for s in steps if s), "metrics.jsonl tells one history"
 
 

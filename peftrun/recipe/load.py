@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,8 @@ from pydantic import BaseModel, ValidationError
 from peftrun.errors import OptionError, UserError, did_you_mean
 from peftrun.recipe.schema import Recipe
 
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'train.lr=1e-4' -> (['train', 'lr'], 0.0001). Values are YAML, so lists and nulls work too."""
@@ -19,11 +22,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise UserError(f"override '{text}': expected dotted.key=value, e.g. train.lr=1e-4")
     value = yaml.safe_load(raw) if raw else ""
     # YAML 1.1 reads '1e-4' as a string; a number is what anyone typing it means.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value for c in ".eE") and not value.isalpha() else value
-        except ValueError:
-            pass
+    if isinstance(value, str) and _FLOAT.match(value):
+        value = float(value)
     return key.split("."), value
 
 
@@ -69,11 +69,19 @@ def _format_error(error: dict[str, Any], origin: str, from_cli: set[tuple[str, .
         message = "required key is missing"
     else:
         message = error["msg"].removeprefix("Value error, ")
-        if "input" in error and error["type"] not in ("model_type", "dict_type") and not isinstance(error["input"], dict):
+        if (
+            "input" in error
+            and error["type"] not in ("model_type", "dict_type")
+            and not isinstance(error["input"], dict)
+        ):
             message += f" (got {error['input']!r})"
     # 'trian.lr=1' fails at 'trian', 'train.lrr=1' at 'train.lrr': one path is a prefix of the other.
     shared = [min(len(loc), len(p)) for p in from_cli]
-    where = "command line" if any(n and loc[:n] == p[:n] for n, p in zip(shared, from_cli, strict=True)) else origin
+    where = (
+        "command line"
+        if any(n and loc[:n] == p[:n] for n, p in zip(shared, from_cli, strict=True))
+        else origin
+    )
     return f"{where}: {'.'.join(loc) or '(top level)'}: {message}"
 
 

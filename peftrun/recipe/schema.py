@@ -21,6 +21,7 @@ class Section(BaseModel):
 
 
 Dtype = Literal["fp32", "bf16", "fp16"]
+Tracker = Literal["tensorboard", "wandb", "mlflow"]
 
 
 class QuantizationConfig(Section):
@@ -28,10 +29,13 @@ class QuantizationConfig(Section):
 
     bits: Literal[4, 8] = Field(4, description="4 (NF4/FP4, QLoRA) or 8 (LLM.int8) bit base weights.")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; NF4 is the QLoRA default.")
-    double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
+    double_quant: bool = Field(
+        True, description="Quantize the quantization constants too (saves ~0.4 bit/param)."
+    )
     compute_dtype: Dtype = Field("bf16", description="dtype the 4-bit matmuls compute in.")
     storage_dtype: Dtype | None = Field(
-        None, description="bnb_4bit_quant_storage; set it to the model dtype to shard 4-bit weights under ZeRO-3/FSDP."
+        None,
+        description="bnb_4bit_quant_storage; set it to the model dtype to shard 4-bit weights under ZeRO-3/FSDP.",
     )
 
 
@@ -42,12 +46,18 @@ class ModelConfig(Section):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
     tokenizer: str | None = Field(None, description="Tokenizer path or id, when it differs from the model's.")
     dtype: Dtype = Field("fp32", description="dtype the base weights are loaded in (fp32, bf16, fp16).")
-    quantization: QuantizationConfig | None = Field(None, description="bitsandbytes quantization of the base.")
+    quantization: QuantizationConfig | None = Field(
+        None, description="bitsandbytes quantization of the base."
+    )
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
         None, description="Attention kernel; default lets transformers choose (sdpa where available)."
     )
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
-    trust_remote_code: bool = Field(False, description="Run modelling code shipped with the model (off: safety).")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward to save memory."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run modelling code shipped with the model (off: safety)."
+    )
 
 
 class MethodConfig(Section):
@@ -63,7 +73,9 @@ class MethodConfig(Section):
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
-    kind: str = Field("lora", description="full | frozen | a peft adapter name (lora, ia3, prefix_tuning, ...).")
+    kind: str = Field(
+        "lora", description="full | frozen | a peft adapter name (lora, ia3, prefix_tuning, ...)."
+    )
     freeze: list[str] = Field(
         default_factory=list,
         description="frozen only: parameters to freeze, as name globs ('model.embed_tokens.*'), layer ranges "
@@ -101,7 +113,8 @@ class DataConfig(Section):
         "peftrun's names: instruction, input, output (alpaca); messages (chat); text (text).",
     )
     prompt_template: Literal["alpaca", "plain"] = Field(
-        "alpaca", description="How alpaca rows are rendered: the Stanford Alpaca prompt, or instruction+input only."
+        "alpaca",
+        description="How alpaca rows are rendered: the Stanford Alpaca prompt, or instruction+input only.",
     )
     chat_template: str | None = Field(
         None,
@@ -117,7 +130,9 @@ class DataConfig(Section):
         0.0, ge=0.0, lt=1.0, description="Fraction of the training file held out for evaluation."
     )
     val_path: str | None = Field(None, description="A separate evaluation file (same format and columns).")
-    max_samples: int | None = Field(None, gt=0, description="Use only the first N samples (quick experiments).")
+    max_samples: int | None = Field(
+        None, gt=0, description="Use only the first N samples (quick experiments)."
+    )
 
     @model_validator(mode="after")
     def _one_validation_source(self) -> DataConfig:
@@ -139,17 +154,23 @@ class TrainConfig(Section):
         "(must be a multiple of micro_batch_size x processes). Default: micro_batch_size x processes "
         "x grad_accum_steps.",
     )
-    grad_accum_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step (if no global_batch_size).")
+    grad_accum_steps: int = Field(
+        1, gt=0, description="Micro-batches per optimizer step (if no global_batch_size)."
+    )
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     optimizer: Literal["adamw", "adamw_8bit"] = Field(
         "adamw", description="adamw (torch) or adamw_8bit (bitsandbytes paged-free 8-bit AdamW)."
     )
-    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR schedule after warmup.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="LR schedule after warmup."
+    )
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm (null: no clipping).")
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast precision for compute.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="Autocast precision for compute."
+    )
     seed: int = Field(0, description="Seeds weights init of adapters, dropout and data order.")
     resume: str | None = Field(
         None, description="'auto' (newest checkpoint in output_dir, if any) or a checkpoint directory."
@@ -161,7 +182,9 @@ class EvalConfig(Section):
 
     every_steps: int | None = Field(None, gt=0, description="Evaluate every N optimizer steps.")
     at_end: bool = Field(True, description="Evaluate after the last step.")
-    batch_size: int | None = Field(None, gt=0, description="Eval micro-batch size (default: train.micro_batch_size).")
+    batch_size: int | None = Field(
+        None, gt=0, description="Eval micro-batch size (default: train.micro_batch_size)."
+    )
     max_batches: int | None = Field(None, gt=0, description="Cap the number of eval batches.")
 
 
@@ -170,15 +193,17 @@ class CheckpointConfig(Section):
 
     every_steps: int | None = Field(None, gt=0, description="Write a checkpoint every N optimizer steps.")
     keep_last: int = Field(2, gt=0, description="Keep only the newest K checkpoints.")
-    at_end: bool = Field(True, description="Write a checkpoint after the last step (so `resume` can extend it).")
+    at_end: bool = Field(
+        True, description="Write a checkpoint after the last step (so `resume` can extend it)."
+    )
 
 
 class LoggingConfig(Section):
     """Where metrics go."""
 
     every_steps: int = Field(1, gt=0, description="Log train metrics every N optimizer steps.")
-    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
-        default_factory=lambda: ["tensorboard"], description="Trackers (wandb/mlflow only if installed)."
+    report_to: list[Tracker] = Field(
+        default_factory=lambda: list[Tracker](["tensorboard"]), description="Trackers (wandb/mlflow only if installed)."
     )
     project: str = Field("peftrun", description="Project/experiment name for the trackers.")
     plot: bool = Field(True, description="Write loss.png at the end.")
@@ -188,7 +213,9 @@ class LoggingConfig(Section):
 class Recipe(Section):
     """A peftrun recipe."""
 
-    output_dir: Path = Field(description="Run directory: checkpoints, the final artefact, metrics, the resolved recipe.")
+    output_dir: Path = Field(
+        description="Run directory: checkpoints, the final artefact, metrics, the resolved recipe."
+    )
     task: Literal["causal_lm"] = Field("causal_lm", description="What the model learns to do.")
     model: ModelConfig
     method: MethodConfig = Field(default_factory=lambda: MethodConfig(kind="lora"))
@@ -206,5 +233,3 @@ class Recipe(Section):
                 "or remove model.quantization"
             )
         return self
-
-

@@ -29,11 +29,17 @@ def _merge(**sections: dict) -> dict:
 BAD_RECIPES = [
     (_merge(trian={}), "trian: unknown key; did you mean 'train'?"),
     (_merge(model={"dtpye": "bf16"}), "model.dtpye: unknown key; did you mean 'dtype'?"),
-    (_merge(method={"kind": "lora", "droput": 0.1}), "method.droput: unknown option of method 'lora' (LoraConfig); did you mean 'dropout'?"),
+    (
+        _merge(method={"kind": "lora", "droput": 0.1}),
+        "method.droput: unknown option of method 'lora' (LoraConfig); did you mean 'dropout'?",
+    ),
     (_merge(method={"kind": "lorra"}), "method.kind: unknown method 'lorra'; did you mean 'lora'?"),
     (_merge(method={"kind": "lora", "r": 0}), "method.r: must be a positive integer (got 0)"),
     (_merge(method={"kind": "lora", "r": "big"}), "method.r: Input should be a valid integer"),
-    (_merge(method={"kind": "lora", "bias": "nonee"}), "method.bias: Input should be 'none', 'all' or 'lora_only' (got 'nonee')"),
+    (
+        _merge(method={"kind": "lora", "bias": "nonee"}),
+        "method.bias: Input should be 'none', 'all' or 'lora_only' (got 'nonee')",
+    ),
     (_merge(method={"kind": "lora", "task_type": "SEQ_CLS"}), "method.task_type: is set by peftrun"),
     (_merge(method={"kind": "full", "r": 8}), "method.r: not an option of method 'full'"),
     (_merge(method={"kind": "frozen"}), "method.freeze: method 'frozen' needs at least one pattern"),
@@ -41,11 +47,23 @@ BAD_RECIPES = [
     (_merge(method={"kind": "ia3", "r": 4}), "method.r: unknown option of method 'ia3' (IA3Config)"),
     (_merge(train={"lr": -1}), "train.lr: Input should be greater than 0 (got -1)"),
     (_merge(train={"epochs": "two"}), "train.epochs: Input should be a valid integer"),
-    (_merge(train={"scheduler": "cosin"}), "train.scheduler: Input should be 'cosine', 'linear' or 'constant'"),
+    (
+        _merge(train={"scheduler": "cosin"}),
+        "train.scheduler: Input should be 'cosine', 'linear' or 'constant'",
+    ),
     (_merge(data={"format": "sharegpt"}), "data.format: Input should be 'alpaca', 'chat' or 'text'"),
-    (_merge(data={"val_fraction": 0.1, "val_path": "v.jsonl"}), "data: set either val_fraction or val_path, not both"),
-    (_merge(model={"name_or_path": "m", "quantization": {"bits": 3}}), "model.quantization.bits: Input should be 4 or 8"),
-    (_merge(method={"kind": "full"}, model={"quantization": {"bits": 4}}), "method.kind=full cannot train quantized weights"),
+    (
+        _merge(data={"val_fraction": 0.1, "val_path": "v.jsonl"}),
+        "data: set either val_fraction or val_path, not both",
+    ),
+    (
+        _merge(model={"name_or_path": "m", "quantization": {"bits": 3}}),
+        "model.quantization.bits: Input should be 4 or 8",
+    ),
+    (
+        _merge(method={"kind": "full"}, model={"quantization": {"bits": 4}}),
+        "method.kind=full cannot train quantized weights",
+    ),
     ({"model": {"name_or_path": "m"}, "data": {"path": "d"}}, "output_dir: required key is missing"),
     ("model: [unclosed", "not valid YAML"),
     ("- a list", "a recipe is a YAML mapping"),
@@ -77,7 +95,9 @@ def test_missing_recipe_file(tmp_path: Path) -> None:
 
 def test_overrides_go_through_the_schema(tmp_path: Path) -> None:
     path = _write(tmp_path, _merge(method={"kind": "lora", "r": 8}))
-    recipe = load_recipe(path, ["train.lr=1e-4", "method.r=32", "train.max_steps=20", "data.columns={output: answer}"])
+    recipe = load_recipe(
+        path, ["train.lr=1e-4", "method.r=32", "train.max_steps=20", "data.columns={output: answer}"]
+    )
     assert recipe.train.lr == pytest.approx(1e-4)
     assert recipe.method.options["r"] == 32
     assert recipe.train.max_steps == 20
@@ -100,7 +120,17 @@ def test_bad_override(tmp_path: Path, override: str, message: str) -> None:
     assert message in str(info.value)
 
 
-@pytest.mark.parametrize(("text", "value"), [("a=1e-4", 1e-4), ("a=3", 3), ("a=true", True), ("a=null", None), ("a=[x, y]", ["x", "y"]), ("a=cosine", "cosine")])
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("a=1e-4", 1e-4),
+        ("a=3", 3),
+        ("a=true", True),
+        ("a=null", None),
+        ("a=[x, y]", ["x", "y"]),
+        ("a=cosine", "cosine"),
+    ],
+)
 def test_parse_override_values(text: str, value: object) -> None:
     assert parse_override(text) == (["a"], value)
 
