@@ -7,48 +7,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from peftrun.errors import UserError
+from peftrun.errors import UserError, did_you_mean
+from peftrun.recipe.docs import keys_text
 
 SUBCOMMANDS = ("train", "validate", "demo", "keys")
-
-
-def _keys_help(section: str | None = None) -> str:
-    """Every recipe key with its type, default and description, generated from the schema."""
-    from pydantic import BaseModel
-
-    from peftrun.recipe.schema import Recipe
-
-    lines: list[str] = []
-
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        for name, field in model.model_fields.items():
-            annotation = field.annotation
-            nested = [
-                a
-                for a in getattr(annotation, "__args__", (annotation,))
-                if isinstance(a, type) and issubclass(a, BaseModel)
-            ]
-            if nested:
-                walk(nested[0], f"{prefix}{name}.")
-                continue
-            default = (
-                "required"
-                if field.is_required()
-                else f"default {field.get_default(call_default_factory=True)!r}"
-            )
-            lines.append(f"  {prefix}{name}  ({default})\n      {field.description or ''}")
-
-    walk(Recipe, "")
-    if section:
-        lines = [line for line in lines if line.strip().startswith(section)]
-    doc = (
-        (Recipe.model_fields["method"].annotation.__doc__ or "") if not section or section == "method" else ""
-    )
-    return (
-        "recipe keys (set in YAML or as key=value overrides):\n"
-        + "\n".join(lines)
-        + ("\n\nmethod:" + doc if doc else "")
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     ):
         cmd = sub.add_parser(
-            name, help=summary, description=summary, epilog=_keys_help(), formatter_class=formatter
+            name, help=summary, description=summary, epilog=keys_text(), formatter_class=formatter
         )
         cmd.add_argument("recipe", help="path to a recipe YAML")
         cmd.add_argument(
@@ -80,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="override demo recipe keys")
     keys = sub.add_parser("keys", help="list every recipe key with its default and description")
     keys.add_argument("section", nargs="?", help="only keys starting with this (e.g. train)")
+    keys.add_argument("--kind", help="with section 'method': list the options of this adapter (e.g. lora)")
+    keys.add_argument("--markdown", action="store_true", help="print the whole reference as Markdown")
     return parser
 
 
@@ -100,7 +64,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "keys":
-        print(_keys_help(args.section))
+        from peftrun.recipe.docs import adapter_options_text, reference_markdown
+
+        if args.markdown:
+            print(reference_markdown(), end="")
+        elif args.kind:
+            from peftrun.methods import adapter_kinds
+
+            if args.kind not in adapter_kinds():
+                raise UserError(
+                    f"--kind: '{args.kind}' is not a peft adapter{did_you_mean(args.kind, adapter_kinds())}"
+                )
+            print(adapter_options_text(args.kind))
+        else:
+            print(keys_text(args.section))
         return 0
     if args.command == "demo":
         from peftrun.demo import run_demo

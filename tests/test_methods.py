@@ -267,7 +267,7 @@ def test_init_lora_weights_accepts_peft_values(init: Any) -> None:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="methods.py:90 accepts any string starting with 'pissa_niter_' (peft's pattern literal "
+    reason="methods._check_type accepts any string starting with 'pissa_niter_' (peft's pattern literal "
     "'pissa_niter_[number of iters]'), so 'pissa_niter_x' passes validate/preflight and training then "
     "fails inside peft with \"invalid literal for int() with base 10: 'x'\"",
 )

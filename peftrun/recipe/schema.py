@@ -203,7 +203,8 @@ class LoggingConfig(Section):
 
     every_steps: int = Field(1, gt=0, description="Log train metrics every N optimizer steps.")
     report_to: list[Tracker] = Field(
-        default_factory=lambda: list[Tracker](["tensorboard"]), description="Trackers (wandb/mlflow only if installed)."
+        default_factory=lambda: list[Tracker](["tensorboard"]),
+        description="Trackers (wandb/mlflow only if installed).",
     )
     project: str = Field("peftrun", description="Project/experiment name for the trackers.")
     plot: bool = Field(True, description="Write loss.png at the end.")
