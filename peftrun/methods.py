@@ -96,7 +96,9 @@ def _check_type(key: str, hint: Any, value: Any) -> Any:
     try:
         return adapter.validate_python(value)
     except ValidationError as exc:
-        if isinstance(value, str) and any(value.startswith(p.split("[")[0]) for p in _pattern_literals(hint)):
+        # 'pissa_niter_[number of iters]' -> 'pissa_niter_' followed by a positive integer.
+        patterns = [re.escape(p.split("[")[0]) + r"[1-9]\d*" for p in _pattern_literals(hint)]
+        if isinstance(value, str) and any(re.fullmatch(p, value) for p in patterns):
             return value
         problem = exc.errors()[0]["msg"]
         raise OptionError(key, f"{problem} (got {value!r})") from None
@@ -250,7 +252,7 @@ def count_parameters(model: Any) -> tuple[int, int]:
     for param in model.parameters():
         n = param.numel()
         if hasattr(param, "quant_state") or type(param).__name__ == "Params4bit":
-            n *= 2  # two 4-bit values per stored byte
+            n *= 2 * param.element_size()  # two 4-bit values per byte of the storage dtype
         total += n
         if param.requires_grad:
             trainable += n

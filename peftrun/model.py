@@ -164,4 +164,7 @@ def check_method_against_architecture(recipe: Recipe, model_config: Any) -> tupl
 
 
 def _linear_leaf_names(model: Any) -> list[str]:
-    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers, which peft targets too
+
+    linear = (torch.nn.Linear, Conv1D)
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, linear)})

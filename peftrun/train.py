@@ -241,7 +241,8 @@ def train(recipe: Recipe) -> RunResult:
         say(f"[peftrun] continue with: peftrun train <recipe> train.resume=auto (output_dir {out})")
         accelerator.end_training()
         return RunResult(out, None, state.step, losses, eval_loss, stopped_by=stop.signal_name)
-    if eval_loader is not None and recipe.eval.at_end:
+    evaluated_last_step = bool(recipe.eval.every_steps) and state.step % (recipe.eval.every_steps or 1) == 0
+    if eval_loader is not None and recipe.eval.at_end and not (evaluated_last_step and losses):
         eval_loss = _eval_and_log(accelerator, model, eval_loader, task, recipe, state.step, metrics)
     if recipe.checkpoint.at_end and losses:
         save_checkpoint(accelerator, out, state, recipe.checkpoint.keep_last)

@@ -265,12 +265,6 @@ def test_init_lora_weights_accepts_peft_values(init: Any) -> None:
     assert build_peft_config("lora", {"init_lora_weights": init}, task_type=None).init_lora_weights == init
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="methods._check_type accepts any string starting with 'pissa_niter_' (peft's pattern literal "
-    "'pissa_niter_[number of iters]'), so 'pissa_niter_x' passes validate/preflight and training then "
-    "fails inside peft with \"invalid literal for int() with base 10: 'x'\"",
-)
 @pytest.mark.parametrize("init", ["pissa_niter_x", "pissa_niter_"])
 def test_init_lora_weights_rejects_a_malformed_pissa_niter(init: str) -> None:
     with pytest.raises(OptionError):

@@ -168,11 +168,6 @@ def test_pissa_init_is_checked_structurally(write_recipe: Any, tiny_llama: Path)
     assert recipe.method.options["init_lora_weights"] == "pissa_niter_2"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="model._linear_leaf_names lists only torch.nn.Linear, so a GPT-2 typo lists 'lm_head' "
-    "alone and hides c_attn/c_proj/c_fc (transformers Conv1D, which peft targets as linear)",
-)
 def test_gpt2_target_module_typo_lists_its_conv1d_layers(write_recipe: Any, tiny_gpt2: Path) -> None:
     recipe = recipe_for(
         write_recipe,
@@ -290,12 +285,6 @@ def test_load_model_4bit_nf4_on_cpu(nf4_model: Any) -> None:
     assert logits.shape == (1, 4, nf4_model.config.vocab_size) and torch.isfinite(logits).all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="methods.count_parameters counts a Params4bit element as 2 parameters, but peftrun stores 4-bit weights in "
-    "the model dtype (bnb_4bit_quant_storage = model dtype in model.bitsandbytes_config), so an fp32 element packs 8 "
-    "(bf16: 4); the 'model: N parameters' line undercounts a QLoRA base",
-)
 def test_count_parameters_of_a_4bit_model_is_its_logical_size(nf4_model: Any, tiny_llama: Path) -> None:
     from transformers import AutoModelForCausalLM
 

@@ -52,7 +52,13 @@ def test_no_automatic_bos_eos(tok: PreTrainedTokenizerFast) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["Hello world!", "  leading and trailing spaces  ", "tabs\tand\nnew\n\nlines", "digits 0042 and 3.14", "~`!@#$%^&*()"],
+    [
+        "Hello world!",
+        "  leading and trailing spaces  ",
+        "tabs\tand\nnew\n\nlines",
+        "digits 0042 and 3.14",
+        "~`!@#$%^&*()",
+    ],
 )
 def test_round_trip(tok: PreTrainedTokenizerFast, text: str) -> None:
     assert tok.decode(tok(text)["input_ids"]) == text

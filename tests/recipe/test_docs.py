@@ -10,7 +10,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_docs_recipe_md_is_up_to_date() -> None:
-    assert (REPO / "docs" / "recipe.md").read_text() == reference_markdown(), "run: peftrun keys --markdown > docs/recipe.md"
+    assert (REPO / "docs" / "recipe.md").read_text() == reference_markdown(), (
+        "run: peftrun keys --markdown > docs/recipe.md"
+    )
 
 
 def test_every_key_is_described() -> None:
