@@ -121,16 +121,20 @@ def build_llama(
 
 
 def _demo_corpus() -> Iterator[str]:
-    """Texts the demo tokenizer learns merges from: the demo data and the prompt scaffolding around it."""
-    yield (
+    """The demo rows rendered as Alpaca prompts, so the prompt scaffolding gets merged into few tokens."""
+    preamble = (
         "Below is an instruction that describes a task. Write a response that appropriately completes "
-        "the request.\n\n### Instruction:\n\n### Input:\n\n### Response:\n"
+        "the request.\n\n"
     )
     for path in sorted(DEMO_DATA_DIR.glob("*.jsonl")):
         for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                row = json.loads(line)
-                yield "\n".join(str(row.get(k, "")) for k in ("instruction", "input", "output"))
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            text = f"{preamble}### Instruction:\n{row['instruction']}\n\n"
+            if row.get("input"):
+                text += f"### Input:\n{row['input']}\n\n"
+            yield f"{text}### Response:\n{row['output']}"
 
 
 def _demo_key() -> str:

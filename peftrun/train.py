@@ -142,9 +142,8 @@ def train(recipe: Recipe) -> RunResult:
             f"fewer than one optimizer step needs ({accumulation}); lower train.micro_batch_size or the "
             "global batch, or add data"
         )
-    total_steps = recipe.train.epochs * steps_per_epoch
-    if recipe.train.max_steps is not None:
-        total_steps = min(total_steps, recipe.train.max_steps)
+    # As in transformers' Trainer: max_steps, when set, decides the length and epochs do not.
+    total_steps = recipe.train.max_steps or recipe.train.epochs * steps_per_epoch
     scheduler = accelerator.prepare(build_scheduler(optimizer, recipe.train, total_steps))
     set_total_steps(accelerator.unwrap_model(model), recipe.method.kind, total_steps)
 

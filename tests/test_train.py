@@ -198,3 +198,41 @@ def test_too_little_data_for_one_step_is_a_clear_error(write_recipe: Any) -> Non
 
     with pytest.raises(UserError, match="fewer than one optimizer step needs"):
         run(write_recipe(train={"micro_batch_size": 4, "grad_accum_steps": 8}))
+
+
+def test_eos_is_learned_even_when_pad_is_eos(write_recipe: Any, tiny_llama: Path, tmp_path: Path) -> None:
+    """The classic bug: pad == eos, padding masked by id, so EOS is never a target and the model rambles."""
+    import shutil
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = tmp_path / "pad_is_eos"
+    shutil.copytree(tiny_llama, model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "two.jsonl"
+    data.write_text(
+        '{"instruction": "Say hi.", "input": "", "output": "hi"}\n{"instruction": "Say a long greeting please.", "input": "", "output": "hello there my friend"}\n'
+    )
+
+    recipe = write_recipe(
+        model={"name_or_path": str(model_dir)},
+        data={"path": str(data), "prompt_template": "plain"},
+        train={"max_steps": 40, "micro_batch_size": 2, "lr": 2e-2, "scheduler": "constant"},
+        method={"r": 8, "alpha": 16},
+    )
+    result = run(recipe)
+    assert result.final_dir is not None
+    assert result.losses[-1] < 0.05 * result.losses[0], result.losses
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(model_dir), result.final_dir
+    ).eval()
+    prompt = [tokenizer.bos_token_id, *tokenizer("Say hi.\n", add_special_tokens=False)["input_ids"]]
+    out = model.generate(
+        torch.tensor([prompt]), max_new_tokens=20, do_sample=False, pad_token_id=tokenizer.eos_token_id
+    )
+    generated = out[0, len(prompt) :].tolist()
+    assert tokenizer.eos_token_id in generated, tokenizer.decode(generated)
+    assert tokenizer.decode(generated[: generated.index(tokenizer.eos_token_id)]) == "hi"

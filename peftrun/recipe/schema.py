@@ -144,8 +144,12 @@ class DataConfig(Section):
 class TrainConfig(Section):
     """The optimisation loop."""
 
-    epochs: int = Field(1, gt=0, description="Passes over the training data (max_steps caps it).")
-    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    epochs: int = Field(1, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(
+        None,
+        gt=0,
+        description="Train exactly this many optimizer steps, cycling the data as needed (overrides epochs).",
+    )
     micro_batch_size: int = Field(4, gt=0, description="Samples per forward pass on each process.")
     global_batch_size: int | None = Field(
         None,
