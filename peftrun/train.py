@@ -423,7 +423,8 @@ def save_final(
     state_dict = accelerator.get_state_dict(model) if is_deepspeed(accelerator) else None
     final, tmp = out / FINAL_DIR, out / f".tmp-{FINAL_DIR}"
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
+        # keep_fp32_wrapper=False: compare weights, not the mixed-precision autocast around forward.
+        unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
         shutil.rmtree(tmp, ignore_errors=True)
         _base_config(unwrapped).use_cache = True  # off for training only; generation wants it
         convert = (

@@ -236,3 +236,16 @@ def test_eos_is_learned_even_when_pad_is_eos(write_recipe: Any, tiny_llama: Path
     generated = out[0, len(prompt) :].tolist()
     assert tokenizer.eos_token_id in generated, tokenizer.decode(generated)
     assert tokenizer.decode(generated[: generated.index(tokenizer.eos_token_id)]) == "hi"
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["train.optimizer=adamw_8bit", "train.mixed_precision=bf16", "model.gradient_checkpointing=true", "model.dtype=bf16"],
+)
+def test_training_options_train_and_verify(write_recipe: Any, override: str) -> None:
+    """Each option trains and its save passes verification (bf16 autocast once broke the logit check)."""
+    if "8bit" in override:
+        pytest.importorskip("bitsandbytes")
+    result = run(write_recipe(), override, "train.max_steps=2")
+    assert result.final_dir is not None and len(result.losses) == 2
+    assert all(torch.isfinite(torch.tensor(result.losses)))
