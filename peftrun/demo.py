@@ -30,7 +30,12 @@ def demo_recipe(overrides: list[str]) -> Recipe:
     model_dir = demo_model_dir()
     return load_recipe(
         DEMO_RECIPE,
-        [f"model.name_or_path={model_dir}", f"data.path={DEMO_DATA_DIR / 'train.jsonl'}", *overrides],
+        [
+            f"model.name_or_path={model_dir}",
+            f"data.path={DEMO_DATA_DIR / 'train.jsonl'}",
+            f"data.val_path={DEMO_DATA_DIR / 'eval.jsonl'}",
+            *overrides,
+        ],
     )
 
 
@@ -81,21 +86,22 @@ def run_demo(overrides: list[str]) -> dict[str, Any]:
     tuned = PeftModel.from_pretrained(load_model(recipe.model, recipe.task), result.final_dir)
     after = [answer(tuned, tokenizer, recipe, row) for row in rows]
 
-    losses = [r["loss"] for r in read_metrics(recipe.output_dir / METRICS_FILE) if "loss" in r]
+    losses = [(r["step"], r["loss"]) for r in read_metrics(recipe.output_dir / METRICS_FILE) if "loss" in r]
     correct_before = sum(b == row["output"] for b, row in zip(before, rows, strict=True))
     correct_after = sum(a == row["output"] for a, row in zip(after, rows, strict=True))
     print("\n[demo] held-out prompts (not in the training data):")
     for row, b, a in list(zip(rows, before, after, strict=True))[:SHOWN_PROMPTS]:
         prompt = row["instruction"] + (f" {row['input']}" if row.get("input") else "")
         print(f"  prompt:   {prompt}\n  expected: {row['output']}\n  before:   {b!r}\n  after:    {a!r}\n")
-    print(f"[demo] loss: {losses[0]:.3f} at step 1 -> {losses[-1]:.3f} at step {len(losses)}")
+    (first_step, first_loss), (last_step, last_loss) = losses[0], losses[-1]
+    print(f"[demo] train loss: {first_loss:.3f} at step {first_step} -> {last_loss:.3f} at step {last_step}")
     print(
         f"[demo] exact answers on {len(rows)} held-out prompts: {correct_before} before, {correct_after} after training"
     )
     print(f"[demo] run directory: {recipe.output_dir} (adapter in {result.final_dir}, loss plot in loss.png)")
     return {
-        "first_loss": losses[0],
-        "last_loss": losses[-1],
+        "first_loss": first_loss,
+        "last_loss": last_loss,
         "correct_before": correct_before,
         "correct_after": correct_after,
         "total": len(rows),

@@ -34,7 +34,7 @@ CHAT_TEMPLATE = (
 
 DEMO_DATA_DIR = Path(__file__).parent / "demo_data"
 # The demo model's shape; part of the cache key.
-DEMO_SETTINGS = {"vocab_size": 1024, "hidden_size": 128, "num_layers": 2, "seed": 0}
+DEMO_SETTINGS = {"vocab_size": 1024, "hidden_size": 128, "num_layers": 4, "seed": 0}
 
 
 def build_tokenizer(
@@ -147,6 +147,10 @@ def _demo_key() -> str:
     return h.hexdigest()[:12]
 
 
+def _complete(model_dir: Path) -> bool:
+    return all((model_dir / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json"))
+
+
 def demo_model_dir(cache_root: str | Path | None = None) -> Path:
     """Return the directory of the demo's tokenizer+model, building it on first use.
 
@@ -157,7 +161,7 @@ def demo_model_dir(cache_root: str | Path | None = None) -> Path:
     """
     root = Path(cache_root or os.environ.get("PEFTRUN_CACHE") or Path.home() / ".cache" / "peftrun")
     target = root / f"demo-{_demo_key()}"
-    if (target / "config.json").is_file():
+    if _complete(target):
         return target
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
@@ -174,7 +178,7 @@ def demo_model_dir(cache_root: str | Path | None = None) -> Path:
             os.replace(tmp, target)
         except OSError:
             # Another process won the race and `target` is a complete, non-empty directory.
-            if not (target / "config.json").is_file():
+            if not _complete(target):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -27,7 +27,7 @@ from peftrun.checkpoint import (
     save_checkpoint,
 )
 from peftrun.data import collate, pad_id_for, prepare_data
-from peftrun.dist import is_deepspeed, make_accelerator
+from peftrun.dist import gathered_model, make_accelerator, prepare_scheduler
 from peftrun.errors import UserError
 from peftrun.methods import (
     MAY_ZERO_TENSORS,
@@ -95,8 +95,7 @@ def train(recipe: Recipe) -> RunResult:
 
     # The model after the data: a bad data row should not cost a model load.
     model = make_trainable(load_model(recipe.model, recipe.task), recipe)
-    trainable, total = count_parameters(model)
-    say(f"[peftrun] trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    trainable, total = count_parameters(model)  # printed by preflight already; recorded in the manifest
     register_trainable_only_hooks(accelerator)
     # PiSSA/OLoRA/CorDA move base weights at init; keeping the initial adapter lets the final save
     # convert the trained one into a plain LoRA that loads on the original base.
@@ -144,7 +143,7 @@ def train(recipe: Recipe) -> RunResult:
         )
     # As in transformers' Trainer: max_steps, when set, decides the length and epochs do not.
     total_steps = recipe.train.max_steps or recipe.train.epochs * steps_per_epoch
-    scheduler = accelerator.prepare(build_scheduler(optimizer, recipe.train, total_steps))
+    scheduler = prepare_scheduler(accelerator, build_scheduler(optimizer, recipe.train, total_steps))
     set_total_steps(accelerator.unwrap_model(model), recipe.method.kind, total_steps)
 
     state = TrainerState()
@@ -418,20 +417,19 @@ def save_final(
 ) -> Path:
     """Write the deployable artefact to output_dir/final, verified before it replaces the previous one."""
     out = recipe.output_dir
-    # Under DeepSpeed the weights are gathered from every process's shards (a collective); elsewhere
-    # the model holds them (and peft's PiSSA conversion breaks when given a state_dict).
-    state_dict = accelerator.get_state_dict(model) if is_deepspeed(accelerator) else None
+    # Under ZeRO-3 no process holds whole weights: the save and its checks use a plain copy gathered
+    # from all processes (a collective, see dist.py); elsewhere every process holds them.
+    gathered = gathered_model(accelerator, model, recipe, probe_batch)
     final, tmp = out / FINAL_DIR, out / f".tmp-{FINAL_DIR}"
     if accelerator.is_main_process:
         # keep_fp32_wrapper=False: compare weights, not the mixed-precision autocast around forward.
-        unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+        unwrapped = gathered if gathered is not None else accelerator.unwrap_model(model, keep_fp32_wrapper=False)
         shutil.rmtree(tmp, ignore_errors=True)
         _base_config(unwrapped).use_cache = True  # off for training only; generation wants it
         convert = (
             {"path_initial_model_for_weight_conversion": str(initial_adapter)} if initial_adapter else {}
         )
-        gathered = {"state_dict": state_dict} if state_dict is not None else {}
-        unwrapped.save_pretrained(tmp, safe_serialization=True, **gathered, **convert)
+        unwrapped.save_pretrained(tmp, safe_serialization=True, **convert)
         _base_config(unwrapped).use_cache = False
         tokenizer.save_pretrained(tmp)
         shutil.copy(out / RESOLVED_RECIPE, tmp / RESOLVED_RECIPE)
@@ -501,7 +499,11 @@ def _flat_config(recipe: Recipe) -> dict[str, Any]:
 def _progress_bar(enabled: bool, total: int, initial: int) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", dynamic_ncols=True)
+    import sys
+
+    # In a log file (Slurm, CI) a bar redrawn 5 times a second is noise: redraw every 30 s there.
+    interval = 0.5 if sys.stderr.isatty() else 30.0
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", dynamic_ncols=True, mininterval=interval)
 
 
 def _cache_dir() -> Path:
