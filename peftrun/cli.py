@@ -80,12 +80,15 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(keys_text(args.section))
         return 0
     if args.command == "demo":
+        _quiet_library_progress_bars()
         from peftrun.demo import run_demo
 
         run_demo(args.overrides)
         return 0
 
     from peftrun.recipe.load import load_recipe, recipe_to_yaml
+
+    _quiet_library_progress_bars()
 
     recipe = load_recipe(args.recipe, args.overrides)
     if args.command == "validate":
@@ -101,3 +104,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     result = train(recipe)
     return 0 if result.stopped_by is None else 128 + 2  # like a shell's Ctrl-C status: the job did not finish
+
+
+def _quiet_library_progress_bars() -> None:
+    """transformers draws a bar for every weight load and shard write; peftrun's own bar is the one to read."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()

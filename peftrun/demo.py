@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from peftrun.data.templates import PROMPT_RENDERERS
 from peftrun.model import load_model, load_tokenizer
 from peftrun.outputs import METRICS_FILE, read_metrics
 from peftrun.recipe.load import load_recipe
@@ -39,33 +38,33 @@ def demo_recipe(overrides: list[str]) -> Recipe:
     )
 
 
-def prompt_ids(tokenizer: Any, recipe: Recipe, instruction: str, input_text: str) -> list[int]:
-    """The prompt exactly as training rendered it: one BOS, then the rendered alpaca prompt."""
-    text = PROMPT_RENDERERS[recipe.data.prompt_template](instruction, input_text)
+def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """The conversation so far exactly as training rendered it, ending where the assistant answers."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
+    bos = tokenizer.bos_token_id
+    return ids if bos is None or ids[:1] == [bos] else [bos, *ids]  # one BOS, as in training
 
 
 @torch.no_grad()
-def answer(model: Any, tokenizer: Any, recipe: Recipe, row: dict[str, str], max_new_tokens: int = 24) -> str:
-    ids = torch.tensor([prompt_ids(tokenizer, recipe, row["instruction"], row.get("input", ""))])
+def answer(model: Any, tokenizer: Any, messages: list[dict[str, str]], max_new_tokens: int = 24) -> str:
+    ids = torch.tensor([prompt_ids(tokenizer, messages)])
     model.eval()
     out = model.generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
         max_new_tokens=max_new_tokens,
         do_sample=False,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")],
         pad_token_id=tokenizer.pad_token_id,
     )
     return str(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)).strip()
 
 
-def held_out_rows() -> list[dict[str, str]]:
-    path = DEMO_DATA_DIR / "eval.jsonl"
-    if not path.is_file():
-        path = DEMO_DATA_DIR / "train.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def held_out_rows() -> list[tuple[list[dict[str, str]], str]]:
+    """(question so far, expected answer) for each held-out conversation."""
+    rows = [json.loads(line) for line in (DEMO_DATA_DIR / "eval.jsonl").read_text().splitlines() if line.strip()]
+    return [(row["messages"][:-1], row["messages"][-1]["content"]) for row in rows]
 
 
 def run_demo(overrides: list[str]) -> dict[str, Any]:
@@ -78,21 +77,20 @@ def run_demo(overrides: list[str]) -> dict[str, Any]:
     rows = held_out_rows()
     print(f"[demo] base model: {recipe.model.name_or_path}")
     base = load_model(recipe.model, recipe.task)
-    before = [answer(base, tokenizer, recipe, row) for row in rows]
+    before = [answer(base, tokenizer, question) for question, _ in rows]
 
     result = train(recipe)
     if result.final_dir is None:
         return {"stopped": True}
     tuned = PeftModel.from_pretrained(load_model(recipe.model, recipe.task), result.final_dir)
-    after = [answer(tuned, tokenizer, recipe, row) for row in rows]
+    after = [answer(tuned, tokenizer, question) for question, _ in rows]
 
     losses = [(r["step"], r["loss"]) for r in read_metrics(recipe.output_dir / METRICS_FILE) if "loss" in r]
-    correct_before = sum(b == row["output"] for b, row in zip(before, rows, strict=True))
-    correct_after = sum(a == row["output"] for a, row in zip(after, rows, strict=True))
+    correct_before = sum(b == expected for b, (_, expected) in zip(before, rows, strict=True))
+    correct_after = sum(a == expected for a, (_, expected) in zip(after, rows, strict=True))
     print("\n[demo] held-out prompts (not in the training data):")
-    for row, b, a in list(zip(rows, before, after, strict=True))[:SHOWN_PROMPTS]:
-        prompt = row["instruction"] + (f" {row['input']}" if row.get("input") else "")
-        print(f"  prompt:   {prompt}\n  expected: {row['output']}\n  before:   {b!r}\n  after:    {a!r}\n")
+    for (question, expected), b, a in list(zip(rows, before, after, strict=True))[:SHOWN_PROMPTS]:
+        print(f"  user:     {question[-1]['content']}\n  expected: {expected}\n  before:   {b!r}\n  after:    {a!r}\n")
     (first_step, first_loss), (last_step, last_loss) = losses[0], losses[-1]
     print(f"[demo] train loss: {first_loss:.3f} at step {first_step} -> {last_loss:.3f} at step {last_step}")
     print(

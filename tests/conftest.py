@@ -52,6 +52,17 @@ def _corpus() -> list[str]:
     return texts * 4
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state() -> Any:
+    """accelerate keeps process-wide singletons; each training run in this process starts clean."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
 @pytest.fixture(scope="session")
 def session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("peftrun_cache")

@@ -14,17 +14,6 @@ from peftrun.recipe.load import load_recipe
 from peftrun.train import RunResult, train
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state() -> Any:
-    """accelerate keeps process-wide singletons; each run in this process starts from a clean slate."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
 def run(recipe_path: Path, *overrides: str) -> RunResult:
     return train(load_recipe(recipe_path, list(overrides)))
 
@@ -240,7 +229,12 @@ def test_eos_is_learned_even_when_pad_is_eos(write_recipe: Any, tiny_llama: Path
 
 @pytest.mark.parametrize(
     "override",
-    ["train.optimizer=adamw_8bit", "train.mixed_precision=bf16", "model.gradient_checkpointing=true", "model.dtype=bf16"],
+    [
+        "train.optimizer=adamw_8bit",
+        "train.mixed_precision=bf16",
+        "model.gradient_checkpointing=true",
+        "model.dtype=bf16",
+    ],
 )
 def test_training_options_train_and_verify(write_recipe: Any, override: str) -> None:
     """Each option trains and its save passes verification (bf16 autocast once broke the logit check)."""
