@@ -16,10 +16,17 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast
 
-__all__ = ["BUILDER_VERSION", "CHAT_TEMPLATE", "build_llama", "build_tokenizer", "demo_model_dir"]
+__all__ = [
+    "BUILDER_VERSION",
+    "CHAT_TEMPLATE",
+    "DEMO_DATA_DIR",
+    "build_llama",
+    "build_tokenizer",
+    "demo_model_dir",
+]
 
 # Bump when anything that shapes the demo model changes, so cached copies are rebuilt, not reused.
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 CHAT_MARKERS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
@@ -34,7 +41,7 @@ CHAT_TEMPLATE = (
 
 DEMO_DATA_DIR = Path(__file__).parent / "demo_data"
 # The demo model's shape; part of the cache key.
-DEMO_SETTINGS = {"vocab_size": 1024, "hidden_size": 128, "num_layers": 4, "seed": 0}
+DEMO_SETTINGS = {"vocab_size": 512, "hidden_size": 128, "num_layers": 2, "seed": 0}
 
 
 def build_tokenizer(
@@ -94,6 +101,11 @@ def build_llama(
 
     Same architecture family as real Llama checkpoints (GQA: 4 heads, 2 kv heads; untied embeddings),
     so code paths that work here (LoRA target modules, saving, merging) work on real models too.
+
+    Weights use transformers' default init (std 0.02), which keeps the random blocks small next to the
+    embeddings so token identity survives to the top for an adapter to use; only `lm_head` gets std
+    1/sqrt(hidden_size): at 0.02 a frozen head caps logits near 0.02 * hidden_size (~2.6 at width 128),
+    too flat for an adapter that cannot train the head to ever answer confidently.
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -110,10 +122,10 @@ def build_llama(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        initializer_range=hidden_size**-0.5,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    torch.nn.init.normal_(model.lm_head.weight, std=hidden_size**-0.5)
     out = Path(out_dir)
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
@@ -121,7 +133,11 @@ def build_llama(
 
 
 def _demo_corpus() -> Iterator[str]:
-    """The demo rows rendered as Alpaca prompts, so the prompt scaffolding gets merged into few tokens."""
+    """Texts the demo tokenizer learns its merges from: the demo rows, in whichever format they are.
+
+    Alpaca rows are rendered with the Alpaca scaffolding so that it merges into few tokens; chat rows
+    contribute their message texts (the chat markers are special tokens already).
+    """
     preamble = (
         "Below is an instruction that describes a task. Write a response that appropriately completes "
         "the request.\n\n"
@@ -131,10 +147,13 @@ def _demo_corpus() -> Iterator[str]:
             if not line.strip():
                 continue
             row = json.loads(line)
-            text = f"{preamble}### Instruction:\n{row['instruction']}\n\n"
+            if "messages" in row:
+                yield from (str(m.get("content", "")) for m in row["messages"])
+                continue
+            text = f"{preamble}### Instruction:\n{row.get('instruction', '')}\n\n"
             if row.get("input"):
                 text += f"### Input:\n{row['input']}\n\n"
-            yield f"{text}### Response:\n{row['output']}"
+            yield f"{text}### Response:\n{row.get('output', '')}"
 
 
 def _demo_key() -> str:

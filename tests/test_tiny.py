@@ -6,7 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+# Importing the model class here puts transformers' (slow, one-off) modelling import in collection,
+# not in whichever test happens to build the first model.
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from peftrun import tiny
 
@@ -105,6 +108,7 @@ def test_build_llama_loads_back(tok: PreTrainedTokenizerFast, tmp_path: Path) ->
     out = tiny.build_llama(tmp_path / "m", tok, hidden_size=64, num_layers=2, seed=0)
     assert (out / "model.safetensors").is_file()
     model = AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(model, LlamaForCausalLM)
     cfg = model.config
     assert cfg.model_type == "llama"
     assert cfg.vocab_size == len(tok) == model.get_input_embeddings().weight.shape[0]
