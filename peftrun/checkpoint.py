@@ -4,6 +4,10 @@ A checkpoint is accelerate's state (optimizer, scheduler, RNG of every process) 
 trainable weights (a LoRA checkpoint of a 7B model is megabytes, not 14 GB) and `trainer_state.json`
 (step, epoch, data position). It is written to `.tmp-step-N` and renamed to `step-N` only when
 complete; `latest_checkpoint` never returns a partial one.
+
+Under DeepSpeed the engine writes the weights and optimizer state itself (`pytorch_model/`, one
+optimizer shard per process), frozen weights left out; `trainable_names.json` records what it holds
+so that a resume into a different model or method fails clearly instead of loading non-strictly.
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 
+from peftrun.dist import checkpoint_load_kwargs, checkpoint_save_kwargs, is_deepspeed
 from peftrun.errors import UserError
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 TRAINABLE_FILE = "trainable.safetensors"
+TRAINABLE_NAMES = "trainable_names.json"  # DeepSpeed checkpoints: the trainable weights they hold
 
 
 @dataclass
@@ -66,6 +72,12 @@ def register_trainable_only_hooks(accelerator: Any) -> None:
         return {n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
 
     def save_hook(models: list[Any], weights: list[dict[str, Any]], output_dir: str) -> None:
+        if not weights:  # DeepSpeed: the engine saved the weights itself; record which
+            if accelerator.is_main_process:
+                names = sorted(set().union(*(trainable_names(m) for m in models)))
+                with open(os.path.join(output_dir, TRAINABLE_NAMES), "w") as handle:
+                    json.dump(names, handle)
+            return
         for model, state in zip(models, weights, strict=True):
             keep = trainable_names(model)
             save_file(
@@ -99,7 +111,7 @@ def save_checkpoint(accelerator: Any, output_dir: Path, state: TrainerState, kee
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.save_state(str(tmp), safe_serialization=True, **checkpoint_save_kwargs(accelerator))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
@@ -114,7 +126,27 @@ def save_checkpoint(accelerator: Any, output_dir: Path, state: TrainerState, kee
 
 
 def load_checkpoint(accelerator: Any, path: Path) -> TrainerState:
-    accelerator.load_state(str(path))
+    names_file = path / TRAINABLE_NAMES
+    if names_file.is_file() != is_deepspeed(accelerator):
+        written, now = ("with", "without") if names_file.is_file() else ("without", "with")
+        raise UserError(
+            f"checkpoint {path} was written {written} DeepSpeed and this run is {now} it: resume with the "
+            "launch config (and number of processes) that wrote it"
+        )
+    if names_file.is_file():  # a DeepSpeed checkpoint: it loads non-strictly, so check the names here
+        saved = set(json.loads(names_file.read_text()))
+        expected = {
+            n
+            for model in accelerator._models
+            for n, p in accelerator.unwrap_model(model).named_parameters()
+            if p.requires_grad
+        }
+        if saved != expected:
+            missing, extra = sorted(expected - saved)[:3], sorted(saved - expected)[:3]
+            raise UserError(
+                f"checkpoint {path} does not fit this model/method (missing {missing}, unexpected {extra})"
+            )
+    accelerator.load_state(str(path), **checkpoint_load_kwargs(accelerator))
     return TrainerState(**json.loads((path / STATE_FILE).read_text()))
 
 

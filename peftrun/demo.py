@@ -63,7 +63,9 @@ def answer(model: Any, tokenizer: Any, messages: list[dict[str, str]], max_new_t
 
 def held_out_rows() -> list[tuple[list[dict[str, str]], str]]:
     """(question so far, expected answer) for each held-out conversation."""
-    rows = [json.loads(line) for line in (DEMO_DATA_DIR / "eval.jsonl").read_text().splitlines() if line.strip()]
+    rows = [
+        json.loads(line) for line in (DEMO_DATA_DIR / "eval.jsonl").read_text().splitlines() if line.strip()
+    ]
     return [(row["messages"][:-1], row["messages"][-1]["content"]) for row in rows]
 
 
@@ -90,7 +92,9 @@ def run_demo(overrides: list[str]) -> dict[str, Any]:
     correct_after = sum(a == expected for a, (_, expected) in zip(after, rows, strict=True))
     print("\n[demo] held-out prompts (not in the training data):")
     for (question, expected), b, a in list(zip(rows, before, after, strict=True))[:SHOWN_PROMPTS]:
-        print(f"  user:     {question[-1]['content']}\n  expected: {expected}\n  before:   {b!r}\n  after:    {a!r}\n")
+        print(
+            f"  user:     {question[-1]['content']}\n  expected: {expected}\n  before:   {b!r}\n  after:    {a!r}\n"
+        )
     (first_step, first_loss), (last_step, last_loss) = losses[0], losses[-1]
     print(f"[demo] train loss: {first_loss:.3f} at step {first_step} -> {last_loss:.3f} at step {last_step}")
     print(

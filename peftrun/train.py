@@ -177,7 +177,9 @@ def train(recipe: Recipe) -> RunResult:
     tokens_in_window = 0
     model.train()
     while state.step < total_steps and not stop.requested:
-        sampler.set_epoch(state.epoch)
+        # Through the loader: accelerate's loader re-sets the sampler's epoch from its own counter on
+        # every iter (a resumed run's counter starts at 0), and skip_first_batches copies that counter.
+        train_loader.set_epoch(state.epoch)
         batches: Iterable[dict[str, torch.Tensor]] = (
             accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
             if state.batches_in_epoch
@@ -423,7 +425,9 @@ def save_final(
     final, tmp = out / FINAL_DIR, out / f".tmp-{FINAL_DIR}"
     if accelerator.is_main_process:
         # keep_fp32_wrapper=False: compare weights, not the mixed-precision autocast around forward.
-        unwrapped = gathered if gathered is not None else accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+        unwrapped = (
+            gathered if gathered is not None else accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+        )
         shutil.rmtree(tmp, ignore_errors=True)
         _base_config(unwrapped).use_cache = True  # off for training only; generation wants it
         convert = (
@@ -497,13 +501,20 @@ def _flat_config(recipe: Recipe) -> dict[str, Any]:
 
 
 def _progress_bar(enabled: bool, total: int, initial: int) -> Any:
-    from tqdm.auto import tqdm
-
     import sys
+
+    from tqdm.auto import tqdm
 
     # In a log file (Slurm, CI) a bar redrawn 5 times a second is noise: redraw every 30 s there.
     interval = 0.5 if sys.stderr.isatty() else 30.0
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", dynamic_ncols=True, mininterval=interval)
+    return tqdm(
+        total=total,
+        initial=initial,
+        disable=not enabled,
+        desc="train",
+        dynamic_ncols=True,
+        mininterval=interval,
+    )
 
 
 def _cache_dir() -> Path:

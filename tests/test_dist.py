@@ -1,0 +1,235 @@
+"""Real 2-process runs on CPU ranks (gloo) under `accelerate launch`: DDP, ZeRO-2 and ZeRO-3.
+
+Each multi-process run is compared with a 1-process run of the same global batch, trained in this
+process once per module: the per-step losses, the saved adapter and its reloaded logits must agree
+(2 ranks x micro 2 == 1 rank x micro 4; ZeRO-2 also with accumulation, 2 ranks x micro 1 x 2).
+ZeRO-3 also trains a full fine-tune, stopped at step 2 and resumed to step 4 (constant schedule
+with a warmup that the resume must continue), whose consolidated checkpoint must load with
+`from_pretrained` and hold the 1-process run's weights.
+
+Nothing is mocked: each run is `accelerate launch --config_file accelerate_configs/X.yaml -m peftrun`
+with ACCELERATE_USE_CPU=true, as a user on a CPU machine would type it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from peftrun.recipe.load import load_recipe
+from peftrun.train import RunResult, train
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "accelerate_configs"
+ACCELERATE = Path(sys.executable).parent / "accelerate"
+# Measured on 2 CPU cores: the losses agree to ~1e-7 relative (float summation order only).
+LOSS_RTOL = 1e-5
+
+
+# ---- helpers --------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def launch(
+    config: str, recipe: Path, *overrides: str, cpu_flag: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """`accelerate launch` peftrun on 2 CPU processes; fails the test with the output if it fails."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE")}
+    env.update(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    where = ["--cpu", "--num_processes", "2"] if cpu_flag else ["--config_file", str(CONFIGS / config)]
+    cmd = [str(ACCELERATE), "launch", *where, "--main_process_port", str(free_port())]
+    cmd += ["-m", "peftrun", str(recipe), *overrides]
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=420)
+
+
+def launch_ok(config: str, recipe: Path, *overrides: str) -> None:
+    done = launch(config, recipe, *overrides)
+    if done.returncode != 0:
+        pytest.fail(f"{config}: exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
+
+
+def run_here(recipe: Path, *overrides: str) -> RunResult:
+    """A 1-process run in this process, leaving accelerate's process-wide state clean after it."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    try:
+        return train(load_recipe(recipe, list(overrides)))
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        PartialState._reset_state()
+
+
+def metrics(output_dir: Path) -> list[dict[str, Any]]:
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+def losses(output_dir: Path) -> torch.Tensor:
+    return torch.tensor([r["loss"] for r in metrics(output_dir)], dtype=torch.float64)
+
+
+def assert_losses_match(got: torch.Tensor, expected: torch.Tensor) -> float:
+    assert got.shape == expected.shape, (got, expected)
+    rel = float(((got - expected).abs() / expected.abs()).max())
+    assert rel <= LOSS_RTOL, f"losses {got.tolist()} vs 1-process {expected.tolist()}: max rel diff {rel:.1e}"
+    return rel
+
+
+def write_recipe(path: Path, **sections: Any) -> Path:
+    path.write_text(yaml.safe_dump(sections))
+    return path
+
+
+# ---- the shared runs ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, alpaca_file: Path) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("dist")
+    common: dict[str, Any] = {
+        "model": {"name_or_path": str(tiny_llama)},
+        "data": {"path": str(alpaca_file), "max_seq_len": 256},
+        "logging": {"report_to": [], "progress_bar": False, "plot": False},
+    }
+    lora = write_recipe(
+        root / "lora.yaml",
+        output_dir=str(root / "lora_unused"),
+        method={"kind": "lora", "r": 4, "alpha": 8, "target_modules": "all-linear"},
+        # Clipping on (grad norms here are ~1.4-2.1): DeepSpeed must clip at the recipe's value.
+        train={
+            "max_steps": 3,
+            "global_batch_size": 4,
+            "micro_batch_size": 2,
+            "lr": 1e-2,
+            "max_grad_norm": 1.0,
+        },
+        checkpoint={"at_end": False},
+        **common,
+    )
+    full = write_recipe(
+        root / "full.yaml",
+        output_dir=str(root / "full_unused"),
+        method={"kind": "full"},
+        # Constant after a 2-step warmup: the run resumed at step 2 must not restart the warmup (its
+        # lr would drop to 0). The warmup fits in the first launch's 2 steps, so both schedules agree.
+        train={
+            "max_steps": 4,
+            "global_batch_size": 4,
+            "micro_batch_size": 2,
+            "lr": 1e-3,
+            "scheduler": "constant",
+            "warmup_steps": 2,
+        },
+        checkpoint={"every_steps": 2, "keep_last": 1, "at_end": False},
+        **common,
+    )
+    return {"root": root, "lora": lora, "full": full, "tiny_llama": tiny_llama}
+
+
+@pytest.fixture(scope="module")
+def lora_reference(base: dict[str, Any]) -> Path:
+    result = run_here(base["lora"], f"output_dir={base['root'] / 'lora_1proc'}", "train.micro_batch_size=4")
+    assert result.final_dir is not None
+    return result.output_dir
+
+
+@pytest.fixture(scope="module")
+def full_reference(base: dict[str, Any]) -> Path:
+    result = run_here(base["full"], f"output_dir={base['root'] / 'full_1proc'}", "train.micro_batch_size=4")
+    assert result.final_dir is not None and len(result.losses) == 4
+    return result.output_dir
+
+
+# ---- the tests --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("config", "micro"),
+    [("ddp.yaml", 2), ("zero2.yaml", 1), ("zero3.yaml", 2)],
+    ids=["ddp", "zero2-accum2", "zero3"],
+)
+def test_two_processes_train_the_one_process_adapter(
+    base: dict[str, Any], lora_reference: Path, config: str, micro: int
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = base["root"] / f"lora_{config.removesuffix('.yaml')}"
+    launch_ok(config, base["lora"], f"output_dir={out}", f"train.micro_batch_size={micro}")
+
+    assert_losses_match(losses(out), losses(lora_reference))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["world_size"] == 2
+    grad_norms = torch.tensor([r["grad_norm"] for r in metrics(out)])
+    expected_norms = torch.tensor([r["grad_norm"] for r in metrics(lora_reference)])
+    torch.testing.assert_close(grad_norms, expected_norms, rtol=1e-5, atol=0)
+
+    got = load_file(out / "final" / "adapter_model.safetensors")
+    expected = load_file(lora_reference / "final" / "adapter_model.safetensors")
+    assert set(got) == set(expected) and all(t.numel() and t.any() for t in got.values())
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6)
+
+    batch = torch.tensor([[1, 5, 9, 17, 33, 65, 129, 2]])
+    logits = []
+    for final in (out / "final", lora_reference / "final"):
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base["tiny_llama"]), final)
+        with torch.no_grad():
+            logits.append(model.eval()(input_ids=batch).logits)
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-5)
+
+
+def test_zero3_full_fine_tune_resumes_and_saves_a_loadable_checkpoint(
+    base: dict[str, Any], full_reference: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out = base["root"] / "full_zero3"
+    launch_ok("zero3.yaml", base["full"], f"output_dir={out}", "train.max_steps=2")
+    checkpoint = out / "checkpoints" / "step-00000002"
+    assert (checkpoint / "pytorch_model").is_dir(), "DeepSpeed writes its own (sharded) checkpoint"
+    launch_ok("zero3.yaml", base["full"], f"output_dir={out}", "train.resume=auto")
+
+    # One history in metrics.jsonl: steps 1-2 from the first launch, 3-4 from the resumed one.
+    records = metrics(out)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert_losses_match(losses(out), losses(full_reference))
+    lrs = [r["lr"] for r in records]
+    assert lrs == pytest.approx([r["lr"] for r in metrics(full_reference)], rel=1e-12)
+    assert lrs[0] < lrs[1] == lrs[2] == lrs[3], "the resumed schedule did not restart its warmup"
+
+    # The consolidated checkpoint: what a user loads, with no peftrun and no DeepSpeed involved.
+    got = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
+    expected = AutoModelForCausalLM.from_pretrained(full_reference / "final").state_dict()
+    assert set(got) == set(expected)
+    for name in expected:
+        assert got[name].shape == expected[name].shape, name
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6)
+    before = AutoModelForCausalLM.from_pretrained(base["tiny_llama"]).state_dict()
+    assert all(not torch.equal(before[k], got[k]) for k in got if k.endswith("proj.weight"))
+
+
+def test_cpu_flag_with_two_processes_is_refused(base: dict[str, Any]) -> None:
+    """`accelerate launch --cpu --num_processes 2` starts one process; peftrun must not train alone."""
+    done = launch("", base["lora"], f"output_dir={base['root'] / 'cpu_flag'}", cpu_flag=True)
+    assert done.returncode != 0, done.stderr[-3000:]  # the launcher turns peftrun's 2 into 1
+    assert "peftrun: error: `accelerate launch --cpu` started ONE process" in done.stderr
+    assert not (base["root"] / "cpu_flag" / "final").exists()
