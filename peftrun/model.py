@@ -83,7 +83,10 @@ def load_model(cfg: ModelConfig, task_name: str, device_map: Any = None) -> Any:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.quantization is not None:
         kwargs["quantization_config"] = bitsandbytes_config(cfg.quantization, cfg.dtype)
-        kwargs["device_map"] = device_map if device_map is not None else _default_device()
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if not is_deepspeed_zero3_enabled():  # ZeRO-3 places (and splits) the weights itself
+            kwargs["device_map"] = device_map if device_map is not None else _default_device()
     model = TASKS[task_name].model_class().from_pretrained(cfg.name_or_path, **kwargs)
     model.config.use_cache = False  # the KV cache only costs memory during training
     return model

@@ -1,11 +1,12 @@
-"""Real 2-process runs on CPU ranks (gloo) under `accelerate launch`: DDP, ZeRO-2 and ZeRO-3.
+"""Real 2-process runs on CPU ranks (gloo) under `accelerate launch`: DDP, ZeRO-2, ZeRO-3 (+offload).
 
 Each multi-process run is compared with a 1-process run of the same global batch, trained in this
 process once per module: the per-step losses, the saved adapter and its reloaded logits must agree
 (2 ranks x micro 2 == 1 rank x micro 4; ZeRO-2 also with accumulation, 2 ranks x micro 1 x 2).
-ZeRO-3 also trains a full fine-tune, stopped at step 2 and resumed to step 4 (constant schedule
-with a warmup that the resume must continue), whose consolidated checkpoint must load with
-`from_pretrained` and hold the 1-process run's weights.
+The same holds for QLoRA (DDP and ZeRO-3) and for two "machines" joined over loopback TCP.
+A full fine-tune stopped at step 2 and resumed to step 4 (constant schedule with a warmup that the
+resume must continue) matches the uninterrupted run under DDP, ZeRO-2 and ZeRO-3, and its final
+checkpoint loads with `from_pretrained` and holds the 1-process run's weights.
 
 Nothing is mocked: each run is `accelerate launch --config_file accelerate_configs/X.yaml -m peftrun`
 with ACCELERATE_USE_CPU=true, as a user on a CPU machine would type it.
@@ -18,6 +19,7 @@ import os
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -48,21 +50,37 @@ def free_port() -> int:
 
 
 def launch(
-    config: str, recipe: Path, *overrides: str, cpu_flag: bool = False
+    config: str | Path,
+    recipe: Path,
+    *overrides: str,
+    cpu_flag: bool = False,
+    machines: tuple[int, int] | None = None,
+    port: int | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """`accelerate launch` peftrun on 2 CPU processes; fails the test with the output if it fails."""
+    """`accelerate launch` peftrun on 2 CPU processes, as a user types it.
+
+    `machines=(count, rank)` makes this one of `count` "machines" on the loopback interface.
+    """
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE")}
     env.update(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     where = ["--cpu", "--num_processes", "2"] if cpu_flag else ["--config_file", str(CONFIGS / config)]
-    cmd = [str(ACCELERATE), "launch", *where, "--main_process_port", str(free_port())]
+    cmd = [str(ACCELERATE), "launch", *where, "--main_process_port", str(port or free_port())]
+    if machines is not None:
+        count, rank = machines
+        cmd += ["--num_machines", str(count), "--machine_rank", str(rank), "--num_processes", "2"]
+        cmd += ["--main_process_ip", "127.0.0.1", "--rdzv_backend", "static", "--same_network"]
     cmd += ["-m", "peftrun", str(recipe), *overrides]
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=420)
 
 
-def launch_ok(config: str, recipe: Path, *overrides: str) -> None:
+def launch_ok(config: str | Path, recipe: Path, *overrides: str) -> None:
     done = launch(config, recipe, *overrides)
     if done.returncode != 0:
-        pytest.fail(f"{config}: exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
+        fail(config, done)
+
+
+def fail(config: str | Path, done: subprocess.CompletedProcess[str]) -> None:
+    pytest.fail(f"{config}: exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
 
 
 def run_here(recipe: Path, *overrides: str) -> RunResult:
@@ -141,7 +159,17 @@ def base(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, alpaca_file
         checkpoint={"every_steps": 2, "keep_last": 1, "at_end": False},
         **common,
     )
-    return {"root": root, "lora": lora, "full": full, "tiny_llama": tiny_llama}
+    # QLoRA computing in fp32 (bf16 matmuls would round differently for different batch splits).
+    quantized = dict(common, model={**common["model"], "quantization": {"bits": 4, "compute_dtype": "fp32"}})
+    qlora = write_recipe(
+        root / "qlora.yaml",
+        output_dir=str(root / "qlora_unused"),
+        method={"kind": "lora", "r": 4, "alpha": 8, "target_modules": "all-linear"},
+        train={"max_steps": 3, "global_batch_size": 4, "micro_batch_size": 2, "lr": 1e-2},
+        checkpoint={"at_end": False},
+        **quantized,
+    )
+    return {"root": root, "lora": lora, "full": full, "qlora": qlora, "tiny_llama": tiny_llama}
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +177,24 @@ def lora_reference(base: dict[str, Any]) -> Path:
     result = run_here(base["lora"], f"output_dir={base['root'] / 'lora_1proc'}", "train.micro_batch_size=4")
     assert result.final_dir is not None
     return result.output_dir
+
+
+@pytest.fixture(scope="module")
+def qlora_reference(base: dict[str, Any]) -> Path:
+    result = run_here(base["qlora"], f"output_dir={base['root'] / 'qlora_1proc'}", "train.micro_batch_size=4")
+    assert result.final_dir is not None
+    return result.output_dir
+
+
+@pytest.fixture(scope="module")
+def param_offload_config(base: dict[str, Any]) -> Path:
+    """zero3_offload.yaml with the weights offloaded but not the optimizer: optimizer offload needs
+    DeepSpeed's CPU Adam op, a ~3 minute compile on 2 cores that CI does not pay for every run."""
+    config = yaml.safe_load((CONFIGS / "zero3_offload.yaml").read_text())
+    config["deepspeed_config"]["offload_optimizer_device"] = "none"
+    path = base["root"] / "zero3_param_offload.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -161,19 +207,61 @@ def full_reference(base: dict[str, Any]) -> Path:
 # ---- the tests --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("config", "micro"),
-    [("ddp.yaml", 2), ("zero2.yaml", 1), ("zero3.yaml", 2)],
-    ids=["ddp", "zero2-accum2", "zero3"],
-)
-def test_two_processes_train_the_one_process_adapter(
-    base: dict[str, Any], lora_reference: Path, config: str, micro: int
-) -> None:
+def cpu_adam_is_built() -> bool:
+    """DeepSpeed's CPU Adam op is already compiled (into torch's extension cache) on this machine."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return (Path(_get_build_directory("cpu_adam", verbose=False)) / "cpu_adam.so").is_file()
+
+
+def assert_same_adapter(out: Path, reference: Path, base_model: Path, atol: float = 1e-6) -> None:
+    """The adapter a run saved equals the reference run's, tensor by tensor and in reloaded logits."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    got = load_file(out / "final" / "adapter_model.safetensors")
+    expected = load_file(reference / "final" / "adapter_model.safetensors")
+    assert set(got) == set(expected) and all(t.numel() and t.any() for t in got.values())
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=atol)
+
+    batch = torch.tensor([[1, 5, 9, 17, 33, 65, 129, 2]])
+    logits = []
+    for final in (out / "final", reference / "final"):
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model), final)
+        with torch.no_grad():
+            logits.append(model.eval()(input_ids=batch).logits)
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-5)
+
+
+OFFLOAD_NEEDS_CPU_ADAM = pytest.mark.skipif(
+    not cpu_adam_is_built(),
+    reason="DeepSpeed's CPU Adam op is not compiled here (~3 min); build it once with "
+    "`python -c 'from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()'`",
+)
+
+
+@pytest.mark.parametrize(
+    ("config", "micro"),
+    [
+        ("ddp.yaml", 2),
+        ("zero2.yaml", 1),
+        ("zero3.yaml", 2),
+        ("zero3_param_offload", 2),
+        pytest.param("zero3_offload.yaml", 2, marks=OFFLOAD_NEEDS_CPU_ADAM),
+    ],
+    ids=["ddp", "zero2-accum2", "zero3", "zero3-param-offload", "zero3-offload"],
+)
+def test_two_processes_train_the_one_process_adapter(
+    base: dict[str, Any], lora_reference: Path, param_offload_config: Path, config: str, micro: int
+) -> None:
     out = base["root"] / f"lora_{config.removesuffix('.yaml')}"
-    launch_ok(config, base["lora"], f"output_dir={out}", f"train.micro_batch_size={micro}")
+    launch_ok(
+        param_offload_config if config == "zero3_param_offload" else config,
+        base["lora"],
+        f"output_dir={out}",
+        f"train.micro_batch_size={micro}",
+    )
 
     assert_losses_match(losses(out), losses(lora_reference))
     manifest = json.loads((out / "manifest.json").read_text())
@@ -181,32 +269,54 @@ def test_two_processes_train_the_one_process_adapter(
     grad_norms = torch.tensor([r["grad_norm"] for r in metrics(out)])
     expected_norms = torch.tensor([r["grad_norm"] for r in metrics(lora_reference)])
     torch.testing.assert_close(grad_norms, expected_norms, rtol=1e-5, atol=0)
-
-    got = load_file(out / "final" / "adapter_model.safetensors")
-    expected = load_file(lora_reference / "final" / "adapter_model.safetensors")
-    assert set(got) == set(expected) and all(t.numel() and t.any() for t in got.values())
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6)
-
-    batch = torch.tensor([[1, 5, 9, 17, 33, 65, 129, 2]])
-    logits = []
-    for final in (out / "final", lora_reference / "final"):
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base["tiny_llama"]), final)
-        with torch.no_grad():
-            logits.append(model.eval()(input_ids=batch).logits)
-    torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-5)
+    assert_same_adapter(out, lora_reference, base["tiny_llama"])
 
 
-def test_zero3_full_fine_tune_resumes_and_saves_a_loadable_checkpoint(
-    base: dict[str, Any], full_reference: Path
+@pytest.mark.parametrize("config", ["ddp.yaml", "zero3.yaml"])
+def test_qlora_on_two_processes_trains_the_one_process_adapter(
+    base: dict[str, Any], qlora_reference: Path, config: str
+) -> None:
+    """A 4-bit NF4 base under DDP, and under ZeRO-3 (the packed 4-bit weights are stored in the
+    model's dtype, bnb_4bit_quant_storage, so DeepSpeed can split them like any other weight)."""
+    out = base["root"] / f"qlora_{config.removesuffix('.yaml')}"
+    launch_ok(config, base["qlora"], f"output_dir={out}")
+    assert_losses_match(losses(out), losses(qlora_reference))
+    # Adam divides each gradient by its own running size, so a weight whose gradient is ~0 moves by up
+    # to lr whatever the gradient's last bits: one of 512 elements differs by 5e-6 (lr 1e-2).
+    assert_same_adapter(out, qlora_reference, base["tiny_llama"], atol=2e-5)
+
+
+def test_two_machines_over_loopback_train_one_job(base: dict[str, Any], lora_reference: Path) -> None:
+    """Two `accelerate launch` commands, one per "machine" (--num_machines 2, --machine_rank 0|1),
+    joined over TCP on 127.0.0.1 without Slurm: one job of 2 processes."""
+    out = base["root"] / "lora_two_machines"
+    port = free_port()
+    args = (CONFIGS / "ddp.yaml", base["lora"], f"output_dir={out}", "train.micro_batch_size=2")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        runs = [pool.submit(launch, *args, machines=(2, rank), port=port) for rank in (0, 1)]
+        done = [run.result() for run in runs]
+    for run in done:
+        if run.returncode != 0:
+            fail("two machines", run)
+    assert json.loads((out / "manifest.json").read_text())["world_size"] == 2
+    assert_losses_match(losses(out), losses(lora_reference))
+    assert_same_adapter(out, lora_reference, base["tiny_llama"])
+
+
+@pytest.mark.parametrize("config", ["ddp.yaml", "zero2.yaml", "zero3.yaml"])
+def test_full_fine_tune_resumes_exactly_and_saves_a_loadable_checkpoint(
+    base: dict[str, Any], full_reference: Path, config: str
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    out = base["root"] / "full_zero3"
-    launch_ok("zero3.yaml", base["full"], f"output_dir={out}", "train.max_steps=2")
+    out = base["root"] / f"full_{config.removesuffix('.yaml')}"
+    launch_ok(config, base["full"], f"output_dir={out}", "train.max_steps=2")
     checkpoint = out / "checkpoints" / "step-00000002"
-    assert (checkpoint / "pytorch_model").is_dir(), "DeepSpeed writes its own (sharded) checkpoint"
-    launch_ok("zero3.yaml", base["full"], f"output_dir={out}", "train.resume=auto")
+    if config.startswith("zero"):
+        assert (checkpoint / "pytorch_model").is_dir(), "DeepSpeed writes its own (sharded) checkpoint"
+    else:
+        assert (checkpoint / "trainer_state.json").is_file()
+    launch_ok(config, base["full"], f"output_dir={out}", "train.resume=auto")
 
     # One history in metrics.jsonl: steps 1-2 from the first launch, 3-4 from the resumed one.
     records = metrics(out)
