@@ -250,7 +250,7 @@ def count_parameters(model: Any) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit packed weights counted as their logical size."""
     trainable = total = 0
     for param in model.parameters():
-        n = param.numel()
+        n = getattr(param, "ds_numel", None) or param.numel()  # ZeRO-3 leaves each process a slice
         if hasattr(param, "quant_state") or type(param).__name__ == "Params4bit":
             n *= 2 * param.element_size()  # two 4-bit values per byte of the storage dtype
         total += n

@@ -266,6 +266,9 @@ def test_two_processes_train_the_one_process_adapter(
     assert_losses_match(losses(out), losses(lora_reference))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["world_size"] == 2
+    reference_manifest = json.loads((lora_reference / "manifest.json").read_text())
+    for count in ("trainable_parameters", "total_parameters"):  # whole-model counts, also under ZeRO-3
+        assert manifest[count] == reference_manifest[count], count
     grad_norms = torch.tensor([r["grad_norm"] for r in metrics(out)])
     expected_norms = torch.tensor([r["grad_norm"] for r in metrics(lora_reference)])
     torch.testing.assert_close(grad_norms, expected_norms, rtol=1e-5, atol=0)
