@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from peftrun.checkpoint import (
     TrainerState,
@@ -27,6 +27,7 @@ from peftrun.checkpoint import (
     save_checkpoint,
 )
 from peftrun.data import collate, pad_id_for, prepare_data
+from peftrun.data.sampling import EpochShuffle
 from peftrun.dist import gathered_model, make_accelerator, prepare_scheduler
 from peftrun.errors import UserError
 from peftrun.methods import (
@@ -322,23 +323,6 @@ def optimizer_steps(
         if len(window) == size:
             yield window
             window = []
-
-
-class EpochShuffle(Sampler[int]):
-    """A permutation per epoch from (seed, epoch): a resumed run sees exactly the same order."""
-
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return self.size
 
 
 def build_optimizer(model: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
