@@ -105,7 +105,7 @@ def label_kwargs(labels: list[str] | None) -> dict[str, Any]:
     }
 
 
-RANDOM_INIT_SEED = 0  # fixed, so the reload check rebuilds the same random base an adapter was trained on
+RANDOM_INIT_SEED = 0  # what weights a checkpoint lacks are initialised from (see load_model)
 
 
 def load_model(
@@ -117,17 +117,23 @@ def load_model(
     1000 classes) is replaced by a new one instead of failing.
     """
     task = TASKS[task_name]
+    # Weights the checkpoint lacks (a new head, a pooler) are drawn from a fixed seed, so every load of
+    # the base (training, the reload check, a user's reload) starts from the same ones.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        model = _load_weights(cfg, task.model_class(), device_map, labels)
+    model.config.use_cache = False  # the KV cache only costs memory during training
+    return model
+
+
+def _load_weights(cfg: ModelConfig, model_class: Any, device_map: Any, labels: list[str] | None) -> Any:
     if cfg.random_init:
         config = load_model_config(cfg)
         for key, value in label_kwargs(labels).items():
             setattr(config, key, value)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_INIT_SEED)
-            model = task.model_class().from_config(
-                config, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
-            )
-        model.config.use_cache = False
-        return model
+        return model_class.from_config(
+            config, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
+        )
     kwargs: dict[str, Any] = {
         "dtype": DTYPES[cfg.dtype],
         "revision": cfg.revision,
@@ -141,9 +147,7 @@ def load_model(
     if cfg.quantization is not None:
         kwargs["quantization_config"] = bitsandbytes_config(cfg.quantization, cfg.dtype)
         kwargs["device_map"] = device_map if device_map is not None else _default_device()
-    model = task.model_class().from_pretrained(cfg.name_or_path, **kwargs)
-    model.config.use_cache = False  # the KV cache only costs memory during training
-    return model
+    return model_class.from_pretrained(cfg.name_or_path, **kwargs)
 
 
 def load_base(recipe: Recipe, device_map: Any = None) -> Any:
