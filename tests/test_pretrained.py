@@ -61,7 +61,9 @@ def test_pretrained_minilm_beats_the_same_architecture_from_scratch(
         PartialState._reset_state()
 
     pretrained, scratch = results["pretrained"], results["scratch"]
-    print(f"eval accuracy: pre-trained {pretrained['eval_accuracy']:.2f}, from scratch {scratch['eval_accuracy']:.2f}")
+    print(
+        f"eval accuracy: pre-trained {pretrained['eval_accuracy']:.2f}, from scratch {scratch['eval_accuracy']:.2f}"
+    )
     assert pretrained["eval_accuracy"] >= 0.9, pretrained
     assert scratch["eval_accuracy"] <= 0.7, scratch
     assert pretrained["eval_accuracy"] - scratch["eval_accuracy"] >= 0.3
