@@ -270,6 +270,9 @@ def build_bert(
         intermediate_size=2 * hidden_size,
         max_position_embeddings=128,
         pad_token_id=tokenizer.pad_token_id,
+        # No dropout (as in the tiny Llama): runs with different process counts compare exactly.
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     torch.manual_seed(seed)
     out = Path(out_dir)
