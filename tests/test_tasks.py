@@ -385,3 +385,33 @@ def test_eval_of_something_that_is_not_a_run(
 ) -> None:
     assert main(["eval", str(tmp_path), "--data", str(classification_file)]) == 2
     assert "not a finished peftrun run" in capsys.readouterr().err
+
+
+def test_verification_catches_an_adapter_whose_head_was_not_trained(bert_recipe: Any, tmp_path: Path) -> None:
+    """The classic failure: a LoRA classifier saved with its head as initialised (not trained)."""
+    from safetensors.torch import save_file
+
+    from peftrun.model import load_base
+    from peftrun.train import reload_artefact
+    from peftrun.verify import VerificationError, check_reload
+
+    result = run(bert_recipe())
+    assert result.final_dir is not None
+    recipe = load_recipe(result.final_dir / "resolved_recipe.yaml")
+    broken = tmp_path / "broken"
+    shutil.copytree(result.final_dir, broken)
+    tensors = load_file(broken / "adapter_model.safetensors")
+    initial = load_base(recipe).state_dict()
+    heads = [k for k in tensors if ".classifier." in k]
+    assert heads
+    for key in heads:
+        tensors[key] = initial[key.removeprefix("base_model.model.")].clone()
+    save_file(tensors, broken / "adapter_model.safetensors")
+    batch = {
+        "input_ids": torch.tensor([[2, 40, 41, 42, 3]]),
+        "attention_mask": torch.ones(1, 5, dtype=torch.long),
+    }
+    intact = reload_artefact(result.final_dir, recipe)
+    assert check_reload(reload_artefact(result.final_dir, recipe), intact, batch, 1e-4) == 0.0
+    with pytest.raises(VerificationError, match="logits differ"):
+        check_reload(reload_artefact(broken, recipe), intact, batch, 1e-4)
