@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from peftrun.errors import UserError, did_you_mean
 from peftrun.recipe.docs import keys_text
 
-SUBCOMMANDS = ("train", "validate", "demo", "keys")
+SUBCOMMANDS = ("train", "validate", "demo", "keys", "eval", "predict")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="train the built-in tiny demo (no downloads) and show before/after generations"
     )
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="override demo recipe keys")
+    evaluate = sub.add_parser(
+        "eval", help="metrics of a finished run's model on a data file (confusion matrix PNG for classifiers)"
+    )
+    evaluate.add_argument("run_dir", help="the run's output_dir")
+    evaluate.add_argument("--data", required=True, help="data file in the run's format (labels needed)")
+    evaluate.add_argument("--out", help="directory for metrics.json (default: RUN_DIR/eval/<file name>)")
+    predict = sub.add_parser("predict", help="predictions of a finished run's model, one JSON line per row")
+    predict.add_argument("run_dir", help="the run's output_dir")
+    predict.add_argument("--data", required=True, help="data file in the run's format (labels not needed)")
+    predict.add_argument("--out", required=True, help="where to write the predictions (.jsonl)")
     keys = sub.add_parser("keys", help="list every recipe key with its default and description")
     keys.add_argument("section", nargs="?", help="only keys starting with this (e.g. train)")
     keys.add_argument("--kind", help="with section 'method': list the options of this adapter (e.g. lora)")
@@ -86,6 +96,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         run_demo(args.overrides)
         return 0
 
+    if args.command in ("eval", "predict"):
+        _quiet_library_progress_bars()
+        return _run_inference(args)
+
     from peftrun.recipe.load import load_recipe, recipe_to_yaml
 
     _quiet_library_progress_bars()
@@ -104,6 +118,21 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     result = train(recipe)
     return 0 if result.stopped_by is None else 128 + 2  # like a shell's Ctrl-C status: the job did not finish
+
+
+def _run_inference(args: argparse.Namespace) -> int:
+    from peftrun.inference import evaluate_run, predict_run
+
+    if args.command == "eval":
+        out, result = evaluate_run(args.run_dir, args.data, args.out)
+        from peftrun.train import eval_summary
+
+        print(f"[peftrun] {args.data}: {result['samples']} samples, {eval_summary(result)}")
+        print(f"[peftrun] wrote {out}")
+    else:
+        count = predict_run(args.run_dir, args.data, args.out)
+        print(f"[peftrun] wrote {count} predictions to {args.out}")
+    return 0
 
 
 def _quiet_library_progress_bars() -> None:

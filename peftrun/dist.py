@@ -174,7 +174,7 @@ def gathered_model(accelerator: Any, model: Any, recipe: Recipe, probe_batch: di
         return None
     from transformers.integrations import unset_hf_deepspeed_config
 
-    from peftrun.model import DTYPES, load_model, make_trainable
+    from peftrun.model import DTYPES, load_base, make_trainable
     from peftrun.verify import logit_tolerance, logits_on
 
     state_dict = accelerator.get_state_dict(model)  # full tensors on the main process only
@@ -185,7 +185,7 @@ def gathered_model(accelerator: Any, model: Any, recipe: Recipe, probe_batch: di
     unset_hf_deepspeed_config()
     if not accelerator.is_main_process:
         return None
-    plain = make_trainable(load_model(recipe.model, recipe.task), recipe)
+    plain = make_trainable(load_base(recipe), recipe)
     result = plain.load_state_dict(state_dict, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise UserError(

@@ -204,8 +204,12 @@ def frozen_parameter_names(names: Iterable[str], freeze: list[str], train: list[
 # --- applying a method to a loaded model ---------------------------------------------------------------
 
 
-def apply_method(model: Any, method: Any, task_type: str) -> Any:
-    """Make `model` train what the recipe's method says; returns the (possibly peft-wrapped) model."""
+def apply_method(model: Any, method: Any, task_type: str | None, head_modules: Iterable[str] = ()) -> Any:
+    """Make `model` train what the recipe's method says; returns the (possibly peft-wrapped) model.
+
+    `head_modules` name a task's new head (a classifier): an adapter that can save whole modules
+    trains and saves the ones this model has, beside its own weights.
+    """
     if method.kind == "full":
         model.requires_grad_(True)
         return model
@@ -216,7 +220,37 @@ def apply_method(model: Any, method: Any, task_type: str) -> Any:
         return model
     from peft import get_peft_model
 
-    return get_peft_model(model, build_peft_config(method.kind, method.options, task_type))
+    options = dict(method.options)
+    heads = [h for h in head_modules if hasattr(model, h)]
+    if heads and "modules_to_save" in _option_types(adapter_kinds()[method.kind]):
+        options["modules_to_save"] = list(dict.fromkeys([*(options.get("modules_to_save") or []), *heads]))
+    return get_peft_model(model, build_peft_config(method.kind, options, task_type))
+
+
+def hold_frozen_norms_in_eval(model: Any) -> list[str]:
+    """Keep batch-norm layers whose weights are all frozen in eval mode, whatever model.train() says.
+
+    In train mode batch norm normalises with the batch's statistics and overwrites its running ones,
+    so a frozen ResNet stage would still change (and its saved buffers would differ from the base an
+    adapter is reloaded onto). Frozen, it normalises with the statistics it was pre-trained with, as
+    torchvision's FrozenBatchNorm2d does. Returns the names of the layers held.
+    """
+    import types
+
+    import torch
+
+    held = []
+    for name, module in model.named_modules():
+        params = list(module.parameters(recurse=False))
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not any(
+            p.requires_grad for p in params
+        ):
+            module.train = types.MethodType(  # type: ignore[method-assign]
+                lambda self, mode=True: torch.nn.Module.train(self, False), module
+            )
+            module.eval()
+            held.append(name)
+    return held
 
 
 def set_total_steps(model: Any, kind: str, total_steps: int) -> None:

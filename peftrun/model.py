@@ -9,7 +9,7 @@ import torch
 
 from peftrun.errors import OptionError, UserError
 from peftrun.hub import require_local_or_reachable
-from peftrun.methods import apply_method, count_parameters
+from peftrun.methods import apply_method, count_parameters, hold_frozen_norms_in_eval
 from peftrun.recipe.schema import ModelConfig, QuantizationConfig, Recipe
 from peftrun.tasks import TASKS
 
@@ -72,13 +72,76 @@ def bitsandbytes_config(quant: QuantizationConfig, model_dtype: str) -> Any:
     )
 
 
-def load_model(cfg: ModelConfig, task_name: str, device_map: Any = None) -> Any:
-    """The base model from disk (or the Hub), in the recipe's dtype and quantization."""
+def load_image_processor(cfg: ModelConfig) -> Any:
+    from transformers import AutoImageProcessor
+
+    source = cfg.tokenizer or cfg.name_or_path
+    try:
+        return AutoImageProcessor.from_pretrained(
+            source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        key = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
+        raise UserError(
+            f"{key}: cannot load an image processor from '{source}': {_first_line(exc)}"
+        ) from None
+
+
+def load_processor(cfg: ModelConfig, task_name: str) -> Any:
+    """What turns the task's raw inputs into model inputs: a tokenizer, or an image processor."""
+    if TASKS[task_name].processor == "image_processor":
+        return load_image_processor(cfg)
+    return load_tokenizer(cfg)
+
+
+def label_kwargs(labels: list[str] | None) -> dict[str, Any]:
+    """A classifier's head size and names, saved in its config.json (id2label/label2id)."""
+    if labels is None:
+        return {}
+    return {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {name: i for i, name in enumerate(labels)},
+    }
+
+
+RANDOM_INIT_SEED = 0  # what weights a checkpoint lacks are initialised from (see load_model)
+
+
+def load_model(
+    cfg: ModelConfig, task_name: str, device_map: Any = None, labels: list[str] | None = None
+) -> Any:
+    """The base model from disk (or the Hub), in the recipe's dtype and quantization.
+
+    A classifier gets a head for `labels`; a checkpoint's head of another size (an ImageNet ResNet's
+    1000 classes) is replaced by a new one instead of failing.
+    """
+    task = TASKS[task_name]
+    # Weights the checkpoint lacks (a new head, a pooler) are drawn from a fixed seed, so every load of
+    # the base (training, the reload check, a user's reload) starts from the same ones.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        model = _load_weights(cfg, task.model_class(), device_map, labels)
+    model.config.use_cache = False  # the KV cache only costs memory during training
+    return model
+
+
+def _load_weights(cfg: ModelConfig, model_class: Any, device_map: Any, labels: list[str] | None) -> Any:
+    if cfg.random_init:
+        config = load_model_config(cfg)
+        for key, value in label_kwargs(labels).items():
+            setattr(config, key, value)
+        return model_class.from_config(
+            config, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
+        )
     kwargs: dict[str, Any] = {
         "dtype": DTYPES[cfg.dtype],
         "revision": cfg.revision,
         "trust_remote_code": cfg.trust_remote_code,
+        **label_kwargs(labels),
     }
+    if labels is not None:
+        kwargs["ignore_mismatched_sizes"] = True
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.quantization is not None:
@@ -87,9 +150,12 @@ def load_model(cfg: ModelConfig, task_name: str, device_map: Any = None) -> Any:
 
         if not is_deepspeed_zero3_enabled():  # ZeRO-3 places (and splits) the weights itself
             kwargs["device_map"] = device_map if device_map is not None else _default_device()
-    model = TASKS[task_name].model_class().from_pretrained(cfg.name_or_path, **kwargs)
-    model.config.use_cache = False  # the KV cache only costs memory during training
-    return model
+    return model_class.from_pretrained(cfg.name_or_path, **kwargs)
+
+
+def load_base(recipe: Recipe, device_map: Any = None) -> Any:
+    """The recipe's base model, with the class names its data resolved to (classifiers)."""
+    return load_model(recipe.model, recipe.task, device_map, labels=recipe.data.labels)
 
 
 def _default_device() -> Any:
@@ -111,7 +177,10 @@ def make_trainable(model: Any, recipe: Recipe) -> Any:
         if recipe.method.kind not in ("full", "frozen"):
             # Frozen embeddings give checkpointed blocks inputs without grad; adapters inside still need it.
             model.enable_input_require_grads()
-    return apply_method(model, recipe.method, TASKS[recipe.task].peft_task_type)
+    task = TASKS[recipe.task]
+    model = apply_method(model, recipe.method, task.peft_task_type, task.head_modules)
+    hold_frozen_norms_in_eval(model)
+    return model
 
 
 # --- pre-flight: the method against the architecture, with no weights loaded --------------------------
@@ -155,8 +224,9 @@ def check_method_against_architecture(recipe: Recipe, model_config: Any) -> tupl
     method = recipe.method
     if "init_lora_weights" in method.options:
         method = method.model_copy(update={"init_lora_weights": True})
+    task = TASKS[recipe.task]
     try:
-        model = apply_method(model, method, TASKS[recipe.task].peft_task_type)
+        model = apply_method(model, method, task.peft_task_type, task.head_modules)
     except OptionError as exc:
         raise UserError(f"method.{exc.key}: {exc.message}") from None
     except (ValueError, TypeError, KeyError, NotImplementedError) as exc:

@@ -1,33 +1,57 @@
-"""What differs per task, as data: the model class, peft's task type and the loss.
+"""What differs per task, as data: the model class, peft's task type, how rows become batches, the loss.
 
-The training loop asks a Task for per-sample loss sums and target counts and never branches on the task.
+The training loop asks a Task for per-sample loss sums and target counts and never branches on the task:
+a target is a supervised token for the language-model tasks and a sample for the classifiers, so the
+loop's weighting (every target weighs the same whatever micro-batch, accumulation step or rank it is
+on) holds for all of them.
+
+This module imports no torch at import time: the recipe schema reads the task names and formats.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-import torch.nn.functional as F
+from peftrun.data.rows import TaskData
+
+if TYPE_CHECKING:
+    import torch
+
+    from peftrun.recipe.schema import DataConfig
 
 IGNORE_INDEX = -100
+Batch = dict[str, "torch.Tensor"]
 
 
-def causal_lm_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def model_inputs(batch: Batch) -> Batch:
+    """What the model is called with: everything in the batch but the targets."""
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def forward_logits(model: Any, batch: Batch) -> torch.Tensor:
+    return model(**model_inputs(batch)).logits
+
+
+# ---- losses: summed per sample, so the loop can weigh every target the same ------------------------------
+
+
+def causal_lm_targets(batch: Batch) -> torch.Tensor:
     """Supervised tokens per sample: every label after the first position that is not ignored."""
     return (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1)
 
 
-def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def causal_lm_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Summed next-token cross-entropy over each sample's supervised tokens (shape [batch]).
 
     Sums, not means: the loop divides by the token count of the whole optimizer step over all
     processes, so every token weighs the same whatever micro-batch, accumulation step or rank it is on.
     """
+    import torch.nn.functional as F
+
     labels = batch["labels"]
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     # Prompt tuning prepends virtual tokens: keep the positions that belong to the real inputs.
     logits = logits[:, logits.shape[1] - labels.shape[1] :]
     shift_logits = logits[:, :-1].float()
@@ -41,22 +65,192 @@ def causal_lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return per_token.view(shift_labels.shape).sum(dim=1)
 
 
+def masked_lm_targets(batch: Batch) -> torch.Tensor:
+    """Masked tokens per sample (the only positions with a label)."""
+    return (batch["labels"] != IGNORE_INDEX).sum(dim=1)
+
+
+def masked_lm_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Summed cross-entropy over each sample's masked tokens; no shift, the label is the token itself."""
+    import torch.nn.functional as F
+
+    labels = batch["labels"]
+    per_token = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    )
+    return per_token.view(labels.shape).sum(dim=1)
+
+
+def one_per_sample(batch: Batch) -> torch.Tensor:
+    return batch["labels"].new_ones(batch["labels"].shape[0])
+
+
+def class_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    return F.cross_entropy(logits.float(), batch["labels"], reduction="none")
+
+
+def tokens_in(batch: Batch) -> int:
+    return int(batch["attention_mask"].sum())
+
+
+def images_in(batch: Batch) -> int:
+    return int(batch["pixel_values"].shape[0])
+
+
+# ---- data: rows -> samples, samples -> batches ----------------------------------------------------------
+
+
+def causal_lm_data(
+    cfg: DataConfig, tokenizer: Any, seed: int, cache_dir: Any, labelled: bool = True
+) -> TaskData:
+    from peftrun.data import prepare_data
+
+    data = prepare_data(cfg, tokenizer, seed, cache_dir=cache_dir)
+    return TaskData(data.train, data.eval, data.report)
+
+
+def causal_lm_collator(tokenizer: Any, cfg: DataConfig, train: bool, seed: int) -> Callable[..., Batch]:
+    from peftrun.data import collate, pad_id_for
+
+    return partial(collate, pad_id=pad_id_for(tokenizer))
+
+
+def masked_lm_data(
+    cfg: DataConfig, tokenizer: Any, seed: int, cache_dir: Any, labelled: bool = True
+) -> TaskData:
+    from peftrun.data.encoder_text import prepare_masked_lm
+
+    return prepare_masked_lm(cfg, tokenizer, seed)
+
+
+def masked_lm_collator(tokenizer: Any, cfg: DataConfig, train: bool, seed: int) -> Callable[..., Batch]:
+    from peftrun.data import pad_id_for
+    from peftrun.data.encoder_text import MaskingCollator
+
+    return MaskingCollator(tokenizer, cfg.mask_rate, seed, pad_id_for(tokenizer))
+
+
+def text_classification_data(
+    cfg: DataConfig, tokenizer: Any, seed: int, cache_dir: Any, labelled: bool = True
+) -> TaskData:
+    from peftrun.data.encoder_text import prepare_text_classification
+
+    return prepare_text_classification(cfg, tokenizer, seed, labelled)
+
+
+def text_classification_collator(
+    tokenizer: Any, cfg: DataConfig, train: bool, seed: int
+) -> Callable[..., Batch]:
+    from peftrun.data import pad_id_for
+    from peftrun.data.encoder_text import collate_classification
+
+    return partial(collate_classification, pad_id=pad_id_for(tokenizer))
+
+
+def image_data(cfg: DataConfig, processor: Any, seed: int, cache_dir: Any, labelled: bool = True) -> TaskData:
+    from peftrun.data.images import prepare_images
+
+    return prepare_images(cfg, processor, seed, labelled)
+
+
+def image_collator(processor: Any, cfg: DataConfig, train: bool, seed: int) -> Callable[..., Batch]:
+    from peftrun.data.images import ImageCollator
+
+    return ImageCollator(processor, augment=cfg.augment and train, seed=seed)
+
+
+# ---- the registry ------------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class Task:
     name: str
     auto_class: str  # the transformers Auto class that loads the model
-    peft_task_type: str  # peft's TaskType, which picks the PeftModel wrapper
-    loss_per_sample: Callable[
-        [Any, dict[str, torch.Tensor]], torch.Tensor
-    ]  # summed over each sample's targets
-    targets_per_sample: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+    peft_task_type: str | None  # peft's TaskType, which picks the PeftModel wrapper (None: the plain one)
+    formats: tuple[str, ...]  # data formats it reads; the first is the default
+    processor: Literal["tokenizer", "image_processor"]  # what turns raw inputs into model inputs
+    loss: Callable[
+        [torch.Tensor, Batch], torch.Tensor
+    ]  # (logits, batch) -> summed over each sample's targets
+    targets_per_sample: Callable[[Batch], torch.Tensor]
+    input_units: Callable[[Batch], int]  # tokens or images in a batch, for throughput
+    prepare: Callable[..., TaskData]  # (data config, processor, seed, cache dir, labelled) -> TaskData
+    collator: Callable[[Any, DataConfig, bool, int], Callable[..., Batch]]  # (processor, cfg, train, seed)
+    classifier: bool = False  # labels named by the data, a new head, classification metrics
+    head_modules: tuple[str, ...] = ()  # the new head: trained and saved beside an adapter
 
     def model_class(self) -> Any:
         import transformers
 
         return getattr(transformers, self.auto_class)
 
+    def loss_per_sample(self, model: Any, batch: Batch) -> torch.Tensor:
+        return self.loss(forward_logits(model, batch), batch)
+
+
+CLASSIFIER_HEADS = ("classifier", "score")  # what transformers' classification models name their head
 
 TASKS: dict[str, Task] = {
-    "causal_lm": Task("causal_lm", "AutoModelForCausalLM", "CAUSAL_LM", causal_lm_loss, causal_lm_targets),
+    task.name: task
+    for task in (
+        Task(
+            "causal_lm",
+            "AutoModelForCausalLM",
+            "CAUSAL_LM",
+            ("alpaca", "chat", "text"),
+            "tokenizer",
+            causal_lm_loss,
+            causal_lm_targets,
+            tokens_in,
+            causal_lm_data,
+            causal_lm_collator,
+        ),
+        Task(
+            "masked_lm",
+            "AutoModelForMaskedLM",
+            None,  # peft has no masked-LM wrapper; the plain PeftModel forwards everything
+            ("text",),
+            "tokenizer",
+            masked_lm_loss,
+            masked_lm_targets,
+            tokens_in,
+            masked_lm_data,
+            masked_lm_collator,
+        ),
+        Task(
+            "sequence_classification",
+            "AutoModelForSequenceClassification",
+            "SEQ_CLS",
+            ("classification",),
+            "tokenizer",
+            class_loss,
+            one_per_sample,
+            tokens_in,
+            text_classification_data,
+            text_classification_collator,
+            classifier=True,
+            head_modules=CLASSIFIER_HEADS,
+        ),
+        Task(
+            "image_classification",
+            "AutoModelForImageClassification",
+            None,  # peft has no image task type: the head goes into modules_to_save by name
+            ("images",),
+            "image_processor",
+            class_loss,
+            one_per_sample,
+            images_in,
+            image_data,
+            image_collator,
+            classifier=True,
+            head_modules=CLASSIFIER_HEADS,
+        ),
+    )
 }
+TASK_FORMATS = {name: task.formats for name, task in TASKS.items()}
+CLASSIFIER_TASKS = frozenset(name for name, task in TASKS.items() if task.classifier)

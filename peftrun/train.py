@@ -12,7 +12,6 @@ import shutil
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,6 @@ from peftrun.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from peftrun.data import collate, pad_id_for, prepare_data
 from peftrun.data.sampling import EpochShuffle
 from peftrun.dist import gathered_model, make_accelerator, prepare_scheduler
 from peftrun.errors import UserError
@@ -37,7 +35,7 @@ from peftrun.methods import (
     mutates_base,
     set_total_steps,
 )
-from peftrun.model import DTYPES, load_model, load_tokenizer, make_trainable
+from peftrun.model import DTYPES, load_base, load_processor, make_trainable
 from peftrun.outputs import (
     MANIFEST_FILE,
     METRICS_FILE,
@@ -51,7 +49,7 @@ from peftrun.preflight import preflight
 from peftrun.recipe.load import recipe_to_yaml
 from peftrun.recipe.schema import Recipe, TrainConfig
 from peftrun.signals import StopRequest
-from peftrun.tasks import TASKS, Task
+from peftrun.tasks import TASKS, Task, forward_logits
 from peftrun.verify import VerificationError, check_reload, check_tensors, logit_tolerance
 
 FINAL_DIR = "final"
@@ -85,17 +83,25 @@ def train(recipe: Recipe) -> RunResult:
     for line in checks.lines():
         say(f"[peftrun] {line}")
 
-    # The data pipeline tokenizes with the tokenizer, so it comes first. The local main process
-    # tokenizes (and caches) before the others read the cache: no rank tokenizes while others wait
-    # in a collective that could time out.
-    tokenizer = load_tokenizer(recipe.model)
+    # The data pipeline tokenizes with the tokenizer (or reads images for the image processor), so it
+    # comes first. The local main process tokenizes (and caches) before the others read the cache: no
+    # rank tokenizes while others wait in a collective that could time out.
+    processor = load_processor(recipe.model, recipe.task)
     with accelerator.local_main_process_first():
-        data = prepare_data(recipe.data, tokenizer, recipe.train.seed, cache_dir=_cache_dir())
+        data = task.prepare(recipe.data, processor, recipe.train.seed, _cache_dir())
     for line in data.report.lines():
         say(f"[peftrun] {line}")
+    if data.label_names is not None and data.label_names != recipe.data.labels:
+        # The class names the data resolved to are part of the run: the resolved recipe records them,
+        # so a reload, `peftrun eval` or a merge builds the same head with the same names.
+        recipe = recipe.model_copy(
+            update={"data": recipe.data.model_copy(update={"labels": data.label_names})}
+        )
+        if accelerator.is_main_process:
+            (out / RESOLVED_RECIPE).write_text(recipe_to_yaml(recipe))
 
     # The model after the data: a bad data row should not cost a model load.
-    model = make_trainable(load_model(recipe.model, recipe.task), recipe)
+    model = make_trainable(load_base(recipe), recipe)
     trainable, total = count_parameters(model)  # printed by preflight already; recorded in the manifest
     register_trainable_only_hooks(accelerator)
     # PiSSA/OLoRA/CorDA move base weights at init; keeping the initial adapter lets the final save
@@ -105,7 +111,8 @@ def train(recipe: Recipe) -> RunResult:
         model.save_pretrained(initial_adapter)
 
     micro = recipe.train.micro_batch_size
-    collate_fn = partial(collate, pad_id=pad_id_for(tokenizer))
+    collate_fn = task.collator(processor, recipe.data, True, recipe.train.seed)
+    eval_collate_fn = task.collator(processor, recipe.data, False, recipe.train.seed)
     sampler = EpochShuffle(len(data.train), recipe.train.seed)
     # Loaders get their own generator: starting an iterator (as a resumed run does mid-epoch) would
     # otherwise draw from the global RNG and shift every dropout mask after it.
@@ -120,7 +127,7 @@ def train(recipe: Recipe) -> RunResult:
         DataLoader(
             data.eval,
             batch_size=recipe.eval.batch_size or micro,
-            collate_fn=collate_fn,
+            collate_fn=eval_collate_fn,
             generator=torch.Generator().manual_seed(0),
         )
         if data.eval is not None and len(data.eval) > 0
@@ -128,7 +135,7 @@ def train(recipe: Recipe) -> RunResult:
     )
     # A fixed batch to compare the saved artefact's logits with the trained model's.
     probe_source = data.eval if eval_loader is not None and data.eval is not None else data.train
-    probe_batch = collate_fn([probe_source[i] for i in range(min(2, len(probe_source)))])
+    probe_batch = eval_collate_fn([probe_source[i] for i in range(min(2, len(probe_source)))])
     optimizer = build_optimizer(model, recipe.train)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if eval_loader is not None:
@@ -171,6 +178,7 @@ def train(recipe: Recipe) -> RunResult:
     stop = StopRequest().install()
     losses: list[float] = []
     eval_loss: float | None = None
+    label_names = recipe.data.labels
     progress = _progress_bar(
         accelerator.is_main_process and recipe.logging.progress_bar, total_steps, state.step
     )
@@ -222,7 +230,9 @@ def train(recipe: Recipe) -> RunResult:
                 and recipe.eval.every_steps
                 and state.step % recipe.eval.every_steps == 0
             ):
-                eval_loss = _eval_and_log(accelerator, model, eval_loader, task, recipe, state.step, metrics)
+                eval_loss = _eval_and_log(
+                    accelerator, model, eval_loader, task, recipe, state.step, metrics, label_names
+                )
             if recipe.checkpoint.every_steps and state.step % recipe.checkpoint.every_steps == 0:
                 save_checkpoint(accelerator, out, state, recipe.checkpoint.keep_last)
             # Every process must stop at the same step, or the next collective hangs.
@@ -244,10 +254,12 @@ def train(recipe: Recipe) -> RunResult:
         return RunResult(out, None, state.step, losses, eval_loss, stopped_by=stop.signal_name)
     evaluated_last_step = bool(recipe.eval.every_steps) and state.step % (recipe.eval.every_steps or 1) == 0
     if eval_loader is not None and recipe.eval.at_end and not (evaluated_last_step and losses):
-        eval_loss = _eval_and_log(accelerator, model, eval_loader, task, recipe, state.step, metrics)
+        eval_loss = _eval_and_log(
+            accelerator, model, eval_loader, task, recipe, state.step, metrics, label_names
+        )
     if recipe.checkpoint.at_end and losses:
         save_checkpoint(accelerator, out, state, recipe.checkpoint.keep_last)
-    final_dir = save_final(accelerator, model, tokenizer, recipe, probe_batch, initial_adapter)
+    final_dir = save_final(accelerator, model, processor, recipe, probe_batch, initial_adapter)
     if accelerator.is_main_process:
         if recipe.logging.plot:
             plot_losses(out / METRICS_FILE, out / PLOT_FILE)
@@ -280,11 +292,11 @@ def train_step(
 ) -> tuple[float, int, int, float | None]:
     """Forward/backward over the step's micro-batches, then one optimizer update.
 
-    Returns (token-weighted loss over all processes, supervised tokens, input tokens, grad norm).
+    Returns (target-weighted loss over all processes, targets, input tokens or images, grad norm).
     """
     device = accelerator.device
     local_targets = sum(int(task.targets_per_sample(b).sum()) for b in window)
-    local_tokens = sum(int(b["attention_mask"].sum()) for b in window)
+    local_tokens = sum(task.input_units(b) for b in window)
     counts = accelerator.reduce(torch.tensor([local_targets, local_tokens], device=device), reduction="sum")
     step_targets, step_tokens = int(counts[0]), int(counts[1])
     # accelerate divides each micro-batch loss by the accumulation steps and DDP averages over
@@ -355,20 +367,51 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_st
 
 
 @torch.no_grad()
-def evaluate(accelerator: Any, model: Any, loader: Any, task: Task, max_batches: int | None) -> float:
-    """Token-weighted eval loss over all processes (duplicates padding the last batch dropped)."""
+def evaluate(
+    accelerator: Any,
+    model: Any,
+    loader: Any,
+    task: Task,
+    max_batches: int | None,
+    label_names: list[str] | None = None,
+) -> dict[str, Any]:
+    """Target-weighted eval loss over all processes (duplicates padding the last batch dropped), with
+    perplexity for language models and scikit-learn's classification metrics for classifiers."""
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64)
     targets = 0
+    predicted: list[int] = []
+    true: list[int] = []
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        per_sample = task.loss_per_sample(model, batch)
-        losses, counts = accelerator.gather_for_metrics((per_sample, task.targets_per_sample(batch)))
-        loss_sum += losses.double().sum().cpu()
-        targets += int(counts.sum())
+        logits = forward_logits(model, batch)
+        per_sample = task.loss(logits, batch)
+        gathered = accelerator.gather_for_metrics(
+            (per_sample, task.targets_per_sample(batch), logits.argmax(-1), batch["labels"])
+            if task.classifier
+            else (per_sample, task.targets_per_sample(batch))
+        )
+        loss_sum += gathered[0].double().sum().cpu()
+        targets += int(gathered[1].sum())
+        if task.classifier:
+            predicted += gathered[2].tolist()
+            true += gathered[3].tolist()
     model.train()
-    return float(loss_sum) / max(targets, 1)
+    loss = float(loss_sum) / max(targets, 1)
+    if not task.classifier:
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    from peftrun.metrics import classification_metrics
+
+    return {"loss": loss, **classification_metrics(true, predicted, label_names or [])}
+
+
+def eval_summary(result: dict[str, Any]) -> str:
+    if "accuracy" in result:
+        return (
+            f"loss {result['loss']:.4f}, accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f}"
+        )
+    return f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}"
 
 
 def _eval_and_log(
@@ -379,15 +422,12 @@ def _eval_and_log(
     recipe: Recipe,
     step: int,
     metrics: MetricsLog | None,
+    label_names: list[str] | None,
 ) -> float:
-    loss = evaluate(accelerator, model, loader, task, recipe.eval.max_batches)
-    _log(
-        accelerator, metrics, {"step": step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
-    )
-    accelerator.print(
-        f"[peftrun] step {step}: eval loss {loss:.4f}, perplexity {math.exp(min(loss, 50.0)):.2f}"
-    )
-    return loss
+    result = evaluate(accelerator, model, loader, task, recipe.eval.max_batches, label_names)
+    _log(accelerator, metrics, {"step": step, **{f"eval_{k}": v for k, v in result.items()}})
+    accelerator.print(f"[peftrun] step {step}: eval {eval_summary(result)}")
+    return float(result["loss"])
 
 
 # ---- the final artefact ---------------------------------------------------------------------------------------
@@ -396,7 +436,7 @@ def _eval_and_log(
 def save_final(
     accelerator: Any,
     model: Any,
-    tokenizer: Any,
+    processor: Any,
     recipe: Recipe,
     probe_batch: dict[str, torch.Tensor],
     initial_adapter: Path | None = None,
@@ -419,7 +459,7 @@ def save_final(
         )
         unwrapped.save_pretrained(tmp, safe_serialization=True, **convert)
         _base_config(unwrapped).use_cache = False
-        tokenizer.save_pretrained(tmp)
+        processor.save_pretrained(tmp)  # the tokenizer, or the image processor
         shutil.copy(out / RESOLVED_RECIPE, tmp / RESOLVED_RECIPE)
         try:
             # A converted adapter has rank 2r: its values are checked through the logits below.
@@ -450,7 +490,7 @@ def reload_artefact(directory: Path, recipe: Recipe) -> Any:
         return TASKS[recipe.task].model_class().from_pretrained(directory, dtype=DTYPES[recipe.model.dtype])
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(load_model(recipe.model, recipe.task), directory)
+    return PeftModel.from_pretrained(load_base(recipe), directory)
 
 
 # ---- small helpers ------------------------------------------------------------------------------------------------
@@ -467,7 +507,9 @@ def _any_process(accelerator: Any, flag: bool) -> bool:
 
 
 def _log(accelerator: Any, metrics: MetricsLog | None, record: dict[str, Any]) -> None:
-    accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
+    # Trackers get the numbers; metrics.jsonl gets everything (per-class metrics, confusion matrix).
+    numbers = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+    accelerator.log(numbers, step=record["step"])
     if metrics is not None:
         metrics.write(record)
 

@@ -110,9 +110,8 @@ def logits_on(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    out = model(
-        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-    ).logits
+    # Every input of the batch (token ids and mask, or pixel values), none of its targets.
+    out = model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}).logits
     model.train(was_training)
     return out.float().cpu()
 

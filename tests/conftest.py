@@ -147,3 +147,66 @@ def write_recipe(tmp_path: Path, tiny_llama: Path, alpaca_file: Path) -> Any:
         return path
 
     return write
+
+
+# ---- encoder and vision fixtures (masked_lm, sequence_classification, image_classification) ---------------
+
+TOPICS = {
+    "sports": ["goal", "match", "team", "score"],
+    "food": ["bread", "soup", "cheese", "pasta"],
+    "weather": ["rain", "snow", "wind", "sun"],
+}
+CLASSIFICATION_ROWS = [
+    {"text": f"today the {word} was {adjective}", "label": topic}
+    for topic, words in TOPICS.items()
+    for word in words
+    for adjective in ("great", "bad")
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory, session_cache: Path) -> Path:
+    """A 2-layer, hidden-64 BERT (masked-LM head) with a WordPiece tokenizer trained on the test texts."""
+    from peftrun.tiny import build_bert, build_wordpiece_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny_bert")
+    corpus = [row["text"] for row in CLASSIFICATION_ROWS] * 4 + list(TOPICS)
+    tokenizer = build_wordpiece_tokenizer(out, corpus, vocab_size=200)
+    return build_bert(out, tokenizer, hidden_size=64, num_layers=2, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_resnet(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-stage ResNet with a 5-class head (the data has 3 classes: the head is replaced)."""
+    from peftrun.tiny import build_resnet
+
+    return build_resnet(tmp_path_factory.mktemp("tiny_resnet"), num_labels=5)
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from peftrun.tiny import build_vit
+
+    return build_vit(tmp_path_factory.mktemp("tiny_vit"), num_labels=5)
+
+
+@pytest.fixture(scope="session")
+def classification_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "topics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in CLASSIFICATION_ROWS))
+    return path
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "text.jsonl"
+    path.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in CLASSIFICATION_ROWS))
+    return path
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """red/, green/, blue/: 8 noisy 16x16 squares each."""
+    from peftrun.tiny import write_colour_images
+
+    return write_colour_images(tmp_path_factory.mktemp("images"), per_class=8, size=16, seed=0)

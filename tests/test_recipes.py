@@ -20,7 +20,14 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
 RECIPE_IDS = [p.relative_to(REPO / "recipes").with_suffix("").as_posix() for p in RECIPES]
 # Which tiny fixture stands in for a recipe's model, by a word in its name; and the config class it gives.
-FAMILIES = {"gpt": ("tiny_gpt2", "GPT2Config"), "llama": ("tiny_llama", "LlamaConfig")}
+FAMILIES = {
+    "gpt": ("tiny_gpt2", "GPT2Config"),
+    "llama": ("tiny_llama", "LlamaConfig"),
+    "bert": ("tiny_bert", "BertConfig"),
+    "minilm": ("tiny_bert", "BertConfig"),  # all-MiniLM-L6-v2 is a BERT
+    "resnet": ("tiny_resnet", "ResNetConfig"),
+    "vit": ("tiny_vit", "ViTConfig"),
+}
 
 
 def family_of(name_or_path: str) -> str:

@@ -13,6 +13,7 @@ Formats:
 - .parquet: one row per sample.
 - .txt (format `text` only): one sample per paragraph, paragraphs being separated by blank lines, so a
   document keeps its line breaks; a file with no blank lines is a single sample.
+- a directory (format `images` only): an image folder, one sub-folder per class, named after it.
 
 "Row N" in messages is the 1-based position of the sample in the file (for .jsonl the line number
 is added when blank lines make it differ).
@@ -47,6 +48,7 @@ __all__ = [
     "column_map",
     "digest_file",
     "extract_fields",
+    "image_path",
     "is_hub_id",
     "read_rows",
 ]
@@ -64,9 +66,16 @@ _HUB_TIMEOUT_S = 5.0
 # The Hub check of `validate` reads this many rows, not the whole dataset.
 _HUB_CHECK_ROWS = 200
 
-# peftrun's column names per format; all are required but `input`.
-FIELDS = {"alpaca": ("instruction", "input", "output"), "chat": ("messages",), "text": ("text",)}
+# peftrun's column names per format; all are required but `input` (and `label` where nothing is trained).
+FIELDS = {
+    "alpaca": ("instruction", "input", "output"),
+    "chat": ("messages",),
+    "text": ("text",),
+    "classification": ("text", "label"),
+    "images": ("image", "label"),
+}
 _OPTIONAL = {"input"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 KNOWN_ROLES = ("system", "user", "assistant")
 
 
@@ -85,12 +94,13 @@ def is_hub_id(path: str) -> bool:
 
 
 def _local_file(path: str, key: str) -> Path:
-    """The existing, supported file `path` (for messages, `key` is data.path or data.val_path)."""
+    """The existing, supported file `path` (for messages, `key` is data.path or data.val_path);
+    a directory is returned as is (an image folder, checked against the format by the caller)."""
     file = Path(path).expanduser().resolve()
     if not file.exists():
         raise UserError(f"{key}: file not found: {file}")
     if file.is_dir():
-        raise UserError(f"{key}: {file} is a directory; point it at a data file")
+        return file
     if file.suffix.lower() not in SUPPORTED_SUFFIXES:
         raise UserError(
             f"{key}: unsupported file type '{file.suffix}' ({file}); use one of {', '.join(SUPPORTED_SUFFIXES)}"
@@ -184,6 +194,17 @@ def _read_txt(path: str, file: Path) -> Iterator[tuple[int | None, dict[str, Any
                 lines = []
 
 
+def _read_image_folder(path: str, folder: Path) -> Iterator[tuple[int | None, dict[str, Any]]]:
+    """One row per image file, labelled with the name of the sub-folder it is in; sorted, so stable."""
+    classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise UserError(f"{path}: an image folder needs one sub-folder per class; found none")
+    for class_dir in classes:
+        for image in sorted(class_dir.rglob("*")):
+            if image.suffix.lower() in IMAGE_SUFFIXES and image.is_file():
+                yield None, {"image": str(image), "label": class_dir.name}
+
+
 _READERS = {
     ".jsonl": _read_jsonl,
     ".json": _read_json,
@@ -199,7 +220,10 @@ def _iter_file(path: str, file: Path) -> Iterator[tuple[int | None, dict[str, An
     Only JSON Lines has line numbers worth reporting beside the row number.
     """
     try:
-        yield from _READERS[file.suffix.lower()](path, file)
+        if file.is_dir():
+            yield from _read_image_folder(path, file)
+        else:
+            yield from _READERS[file.suffix.lower()](path, file)
     except UnicodeDecodeError as exc:
         raise UserError(
             f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
@@ -287,14 +311,16 @@ def _missing(name: str, file_column: str, row: Mapping[str, Any]) -> RowProblem:
     return RowProblem(f"missing '{file_column}' (data.columns maps {name} to it; columns: {present})")
 
 
-def _string(row: Mapping[str, Any], name: str, file_column: str) -> str:
+def _string(row: Mapping[str, Any], name: str, file_column: str, optional: frozenset[str]) -> str:
     if file_column not in row:
-        if name in _OPTIONAL:
+        if name in optional:
             return ""
         raise _missing(name, file_column, row)
     value = row[file_column]
-    if value is None and name in _OPTIONAL:
+    if value is None and name in optional:
         return ""
+    if name == "label" and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # class ids written as numbers name their class
     if not isinstance(value, str):
         raise RowProblem(f"'{file_column}' must be a string, got {_type_name(value)}")
     return value
@@ -318,17 +344,27 @@ def _messages(value: Any, file_column: str) -> list[dict[str, str]]:
     return messages
 
 
-def extract_fields(row: Mapping[str, Any], fmt: str, columns: Mapping[str, str]) -> dict[str, Any]:
-    """The row's values under peftrun's names, checked: strings for alpaca/text, messages for chat.
+def extract_fields(
+    row: Mapping[str, Any], fmt: str, columns: Mapping[str, str], labelled: bool = True
+) -> dict[str, Any]:
+    """The row's values under peftrun's names, checked: strings for alpaca/text/classification/images
+    (a label may be an integer), messages for chat.
 
-    `columns` is `column_map(...)`. Raises RowProblem; an absent or null `input` reads as "".
+    `columns` is `column_map(...)`. Raises RowProblem; an absent or null `input` reads as "", and so
+    does an absent `label` when `labelled` is False (rows to predict).
     """
     if fmt == "chat":
         file_column = columns["messages"]
         if file_column not in row:
             raise _missing("messages", file_column, row)
         return {"messages": _messages(row[file_column], file_column)}
-    return {name: _string(row, name, columns[name]) for name in FIELDS[fmt]}
+    optional = frozenset(_OPTIONAL if labelled else {*_OPTIONAL, "label"})
+    fields = {name: _string(row, name, columns[name], optional) for name in FIELDS[fmt]}
+    if fmt == "classification" and not fields["text"].strip():
+        raise RowProblem(f"'{columns['text']}' is empty")
+    if "label" in fields and labelled and not fields["label"].strip():
+        raise RowProblem(f"'{columns['label']}' is empty")
+    return fields
 
 
 def _row_label(index: int, line_no: int | None) -> str:
@@ -341,12 +377,23 @@ def _check_rows(path: str, records: Iterator[tuple[int | None, Mapping[str, Any]
     count = 0
     for count, (line_no, record) in enumerate(records, start=1):
         try:
-            extract_fields(record, cfg.format, columns)
+            fields = extract_fields(record, cfg.format, columns)
+            if cfg.format == "images" and not image_path(path, fields["image"]).is_file():
+                raise RowProblem(f"image file not found: {image_path(path, fields['image'])}")
         except RowProblem as exc:
             raise UserError(f"{path}: {_row_label(count, line_no)}: {exc}") from None
     if count == 0:
         raise UserError(f"{path}: no rows")
     return count
+
+
+def image_path(source: str, value: str) -> Path:
+    """Where an image named in a data file is: absolute, or relative to the data file's folder."""
+    image = Path(value).expanduser()
+    if image.is_absolute():
+        return image
+    base = Path(source).expanduser().resolve()
+    return (base if base.is_dir() else base.parent) / image
 
 
 def _check_format_fits(path: str, key: str, file: Path, fmt: str) -> None:
@@ -355,6 +402,14 @@ def _check_format_fits(path: str, key: str, file: Path, fmt: str) -> None:
         raise UserError(f"{key}: {path} is raw text; a .txt file can only be used with data.format: text")
     if suffix == ".csv" and fmt == "chat":
         raise UserError(f"{key}: {path}: chat messages are nested lists, which CSV cannot hold; use .jsonl")
+    if file.is_dir() and fmt != "images":
+        raise UserError(
+            f"{key}: {file} is a directory; point it at a data file (folders are for format images)"
+        )
+    if not file.is_dir() and suffix not in SUPPORTED_SUFFIXES:
+        raise UserError(
+            f"{key}: unsupported file type '{file.suffix}' ({file}); use one of {', '.join(SUPPORTED_SUFFIXES)}"
+        )
 
 
 def check_file(path: str, cfg: DataConfig, key: str = "data.path", max_rows: int | None = None) -> None:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from peftrun.methods import check_method_options
+from peftrun.tasks import CLASSIFIER_TASKS, TASK_FORMATS
 
 
 class Section(BaseModel):
@@ -58,6 +59,11 @@ class ModelConfig(Section):
     trust_remote_code: bool = Field(
         False, description="Run modelling code shipped with the model (off: safety)."
     )
+    random_init: bool = Field(
+        False,
+        description="Start from randomly initialised weights of the model's architecture (its config) "
+        "instead of its trained weights: the from-scratch baseline a fine-tune is compared with.",
+    )
 
 
 class MethodConfig(Section):
@@ -101,16 +107,34 @@ class DataConfig(Section):
     """Where the training data comes from and how it becomes tokens."""
 
     path: str = Field(description="Local .json/.jsonl/.csv/.parquet/.txt file, or a Hub dataset id.")
-    format: Literal["alpaca", "chat", "text"] = Field(
+    format: Literal["alpaca", "chat", "text", "classification", "images"] = Field(
         "alpaca",
         description="alpaca: instruction/input/output rows; chat: a list of {role, content} messages; "
-        "text: raw text for continued pre-training.",
+        "text: raw text for continued pre-training; classification: text and label; images: image path "
+        "and label, or an image folder with one sub-folder per class. Default: the task's first format "
+        "(causal_lm alpaca, masked_lm text, sequence_classification classification, image_classification "
+        "images).",
     )
     split: str = Field("train", description="Split to read when `path` is a Hub dataset.")
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="Map peftrun's column names to the file's, e.g. {instruction: question, output: answer}. "
-        "peftrun's names: instruction, input, output (alpaca); messages (chat); text (text).",
+        "peftrun's names: instruction, input, output (alpaca); messages (chat); text (text); text, label "
+        "(classification); image, label (images).",
+    )
+    labels: list[str] | None = Field(
+        None,
+        description="Classifiers: the class names in id order. Default: the distinct labels of the training "
+        "data, sorted (numerically when all are integers). The run's resolved recipe records them.",
+    )
+    mask_rate: float = Field(
+        0.15,
+        gt=0.0,
+        lt=1.0,
+        description="masked_lm: share of tokens masked per sample (of them 80% [MASK], 10% random, 10% kept).",
+    )
+    augment: bool = Field(
+        False, description="image_classification: random horizontal flips and crops of training images."
     )
     prompt_template: Literal["alpaca", "plain"] = Field(
         "alpaca",
@@ -221,7 +245,12 @@ class Recipe(Section):
     output_dir: Path = Field(
         description="Run directory: checkpoints, the final artefact, metrics, the resolved recipe."
     )
-    task: Literal["causal_lm"] = Field("causal_lm", description="What the model learns to do.")
+    task: Literal["causal_lm", "masked_lm", "sequence_classification", "image_classification"] = Field(
+        "causal_lm",
+        description="What the model learns to do: causal_lm (SFT, continued pre-training of decoders), "
+        "masked_lm (continued pre-training of BERT-like encoders), sequence_classification (a new head "
+        "on an encoder), image_classification (a new head on a ResNet/ViT-like model).",
+    )
     model: ModelConfig
     method: MethodConfig = Field(default_factory=lambda: MethodConfig(kind="lora"))
     data: DataConfig
@@ -232,6 +261,17 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Recipe:
+        formats = TASK_FORMATS[self.task]
+        if "format" not in self.data.model_fields_set:
+            self.data.format = formats[0]  # type: ignore[assignment]  # validated on assignment
+        elif self.data.format not in formats:
+            raise ValueError(
+                f"data.format '{self.data.format}' does not fit task {self.task} (use {' or '.join(formats)})"
+            )
+        if self.data.labels is not None and self.task not in CLASSIFIER_TASKS:
+            raise ValueError(f"data.labels is for classification tasks, not {self.task}")
+        if self.data.labels is not None and len(set(self.data.labels)) != len(self.data.labels):
+            raise ValueError("data.labels: the class names must be distinct")
         if self.model.quantization is not None and self.method.kind in ("full", "frozen"):
             raise ValueError(
                 f"method.kind={self.method.kind} cannot train quantized weights; use an adapter (e.g. lora) "

@@ -51,7 +51,10 @@ BAD_RECIPES = [
         _merge(train={"scheduler": "cosin"}),
         "train.scheduler: Input should be 'cosine', 'linear' or 'constant'",
     ),
-    (_merge(data={"format": "sharegpt"}), "data.format: Input should be 'alpaca', 'chat' or 'text'"),
+    (
+        _merge(data={"format": "sharegpt"}),
+        "data.format: Input should be 'alpaca', 'chat', 'text', 'classification' or 'images'",
+    ),
     (
         _merge(data={"val_fraction": 0.1, "val_path": "v.jsonl"}),
         "data: set either val_fraction or val_path, not both",

@@ -1,0 +1,170 @@
+"""`peftrun eval RUN_DIR --data FILE` and `peftrun predict RUN_DIR --data FILE --out preds.jsonl`.
+
+Both load a finished run the way a user would (RUN_DIR/final: the saved model or adapter, its tokenizer
+or image processor, and the resolved recipe that says the task, the data format and the class names)
+and read FILE with the same readers and checks as training. Evaluation is the training loop's own
+`evaluate`, so the numbers are the ones training logged for the same data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftrun.errors import UserError
+from peftrun.outputs import RESOLVED_RECIPE
+from peftrun.recipe.schema import DataConfig, Recipe
+from peftrun.tasks import TASKS, Task, forward_logits, model_inputs
+
+METRICS_JSON = "metrics.json"
+CONFUSION_PNG = "confusion_matrix.png"
+
+
+class LoadedRun:
+    """A run's final artefact, ready to run on new data."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        from peftrun.model import load_processor
+        from peftrun.recipe.load import load_recipe
+        from peftrun.train import FINAL_DIR, reload_artefact
+
+        self.run_dir = Path(run_dir)
+        self.final = self.run_dir / FINAL_DIR
+        if not (self.final / RESOLVED_RECIPE).is_file():
+            raise UserError(f"{self.run_dir}: not a finished peftrun run (no {FINAL_DIR}/{RESOLVED_RECIPE})")
+        self.recipe: Recipe = load_recipe(self.final / RESOLVED_RECIPE)
+        self.task: Task = TASKS[self.recipe.task]
+        # The tokenizer/image processor saved beside the weights: the one the model was trained with.
+        model_cfg = self.recipe.model.model_copy(update={"tokenizer": str(self.final)})
+        self.processor = load_processor(model_cfg, self.recipe.task)
+        self.model = reload_artefact(self.final, self.recipe).eval()
+
+    def data_config(self, path: str) -> DataConfig:
+        """The run's data settings (format, columns, class names, lengths) pointed at `path`."""
+        return self.recipe.data.model_copy(
+            update={"path": path, "val_path": None, "val_fraction": 0.0, "max_samples": None}
+        )
+
+    def loader(self, dataset: Any, collate: Any) -> Any:
+        batch_size = self.recipe.eval.batch_size or self.recipe.train.micro_batch_size
+        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+
+
+def _check_file(path: str) -> None:
+    if not Path(path).exists():
+        raise UserError(f"--data: file not found: {Path(path).resolve()}")
+
+
+def evaluate_run(
+    run_dir: str | Path, data_path: str, out_dir: str | Path | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """Metrics of the run's model on `data_path`, written to out_dir/metrics.json (and, for classifiers,
+    confusion_matrix.png); out_dir defaults to RUN_DIR/eval/<file name>. Written atomically."""
+    from accelerate import Accelerator
+
+    from peftrun.train import _cache_dir, evaluate
+
+    _check_file(data_path)
+    run = LoadedRun(run_dir)
+    cfg = run.data_config(data_path)
+    data = run.task.prepare(cfg, run.processor, run.recipe.train.seed, _cache_dir())
+    collate = run.task.collator(run.processor, cfg, False, run.recipe.train.seed)
+    accelerator = Accelerator()
+    model = run.model.to(accelerator.device)
+    result = evaluate(
+        accelerator, model, accelerator.prepare(run.loader(data.train, collate)), run.task, None, cfg.labels
+    )
+    result = {"data": str(Path(data_path).resolve()), "samples": len(data.train), **result}
+
+    out = Path(out_dir) if out_dir is not None else run.run_dir / "eval" / Path(data_path).name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        (tmp / METRICS_JSON).write_text(json.dumps(result, indent=1))
+        if run.task.classifier:
+            from peftrun.metrics import plot_confusion_matrix
+
+            plot_confusion_matrix(
+                result["confusion_matrix"], cfg.labels or [], tmp / CONFUSION_PNG, f"{Path(data_path).name}"
+            )
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out, result
+
+
+@torch.no_grad()
+def predict_run(run_dir: str | Path, data_path: str, out_path: str | Path) -> int:
+    """Write one JSON line per row of `data_path` (labels not needed): the predicted class with its
+    probability and every class's (classifiers), or the text with its [MASK] tokens filled (masked_lm).
+    Returns the number of rows written."""
+    _check_file(data_path)
+    run = LoadedRun(run_dir)
+    if not run.task.classifier and run.recipe.task != "masked_lm":
+        raise UserError(
+            f"predict: runs of task {run.recipe.task} are not supported (classifiers and masked_lm are); "
+            "use `peftrun eval` for loss and perplexity"
+        )
+    cfg = run.data_config(data_path)
+    data = run.task.prepare(cfg, run.processor, run.recipe.train.seed, None, labelled=False)
+    records: list[dict[str, Any]] = []
+    if run.task.classifier:
+        collate = run.task.collator(run.processor, cfg, False, run.recipe.train.seed)
+        names = cfg.labels or []
+        for start in range(0, len(data.train), run.recipe.train.micro_batch_size):
+            samples = [
+                data.train[i]
+                for i in range(start, min(start + run.recipe.train.micro_batch_size, len(data.train)))
+            ]
+            probs = forward_logits(run.model, collate(samples)).float().softmax(-1)
+            for sample, p in zip(samples, probs.tolist(), strict=True):
+                best = max(range(len(p)), key=p.__getitem__)
+                records.append(
+                    {
+                        "row": sample["row"],
+                        "label": names[best],
+                        "score": p[best],
+                        "probs": dict(zip(names, p, strict=True)),
+                    }
+                )
+    else:
+        records = _fill_masks(run, data.train)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{out.name}-", dir=out.parent)
+    with os.fdopen(handle, "w") as file:
+        file.writelines(json.dumps(r) + "\n" for r in records)
+    os.replace(tmp, out)
+    return len(records)
+
+
+def _fill_masks(run: LoadedRun, dataset: Any) -> list[dict[str, Any]]:
+    from peftrun.data import pad_id_for
+    from peftrun.data.encoder_text import pad
+
+    tokenizer = run.processor
+    records = []
+    for i in range(len(dataset)):
+        ids = list(dataset[i]["input_ids"])
+        batch = {
+            "input_ids": pad([ids], pad_id_for(tokenizer)),
+            "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+        }
+        best = forward_logits(run.model, model_inputs(batch))[0].argmax(-1).tolist()
+        masked = [j for j, token in enumerate(ids) if token == tokenizer.mask_token_id]
+        filled = [best[j] if j in masked else token for j, token in enumerate(ids)]
+        records.append(
+            {
+                "row": dataset[i]["row"],
+                "text": tokenizer.decode(filled, skip_special_tokens=True),
+                "masked_tokens": tokenizer.convert_ids_to_tokens([best[j] for j in masked]),
+            }
+        )
+    return records
