@@ -66,6 +66,14 @@ def adapter_kinds() -> dict[str, type]:
     return {str(t.value).lower(): cls for t, cls in PEFT_TYPE_TO_CONFIG_MAPPING.items()}
 
 
+def is_prompt_learning(kind: str) -> bool:
+    """Prefix/prompt/p-tuning: virtual tokens prepended to every sequence, not weights in layers."""
+    from peft import PromptLearningConfig
+
+    config_cls = adapter_kinds().get(kind)
+    return config_cls is not None and issubclass(config_cls, PromptLearningConfig)
+
+
 def method_kinds() -> list[str]:
     return [*NON_ADAPTER_KINDS, *adapter_kinds()]
 

@@ -26,9 +26,13 @@ IGNORE_INDEX = -100
 Batch = dict[str, "torch.Tensor"]
 
 
+# Batch entries that are not model inputs: the targets, and the real tokens per packed row.
+NOT_MODEL_INPUTS = ("labels", "num_tokens")
+
+
 def model_inputs(batch: Batch) -> Batch:
-    """What the model is called with: everything in the batch but the targets."""
-    return {k: v for k, v in batch.items() if k != "labels"}
+    """What the model is called with: everything in the batch but the targets and bookkeeping."""
+    return {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
 
 
 def forward_logits(model: Any, batch: Batch) -> torch.Tensor:
@@ -95,7 +99,8 @@ def class_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 
 def tokens_in(batch: Batch) -> int:
-    return int(batch["attention_mask"].sum())
+    """Real (non-padding) tokens; packed batches have no attention_mask and count them per row."""
+    return int(batch["num_tokens" if "num_tokens" in batch else "attention_mask"].sum())
 
 
 def images_in(batch: Batch) -> int:
@@ -111,13 +116,21 @@ def causal_lm_data(
     from peftrun.data import prepare_data
 
     data = prepare_data(cfg, tokenizer, seed, cache_dir=cache_dir)
-    return TaskData(data.train, data.eval, data.report)
+    if not cfg.packing:
+        return TaskData(data.train, data.eval, data.report)
+    from peftrun.data.packing import pack_dataset
+
+    # Only training is packed: evaluation losses are per-sample sums either way.
+    packed = pack_dataset(data.train, cfg.max_seq_len)
+    data.report.packed_rows, data.report.packed_capacity = len(packed), cfg.max_seq_len
+    return TaskData(packed, data.eval, data.report)
 
 
 def causal_lm_collator(tokenizer: Any, cfg: DataConfig, train: bool, seed: int) -> Callable[..., Batch]:
     from peftrun.data import collate, pad_id_for
+    from peftrun.data.packing import collate_packed
 
-    return partial(collate, pad_id=pad_id_for(tokenizer))
+    return partial(collate_packed if cfg.packing and train else collate, pad_id=pad_id_for(tokenizer))
 
 
 def masked_lm_data(

@@ -25,7 +25,7 @@ from peftrun.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from peftrun.data.sampling import EpochShuffle
+from peftrun.data.sampling import EpochShuffle, LengthGroupedShuffle
 from peftrun.dist import gathered_model, make_accelerator, prepare_scheduler
 from peftrun.errors import UserError
 from peftrun.methods import (
@@ -113,7 +113,11 @@ def train(recipe: Recipe) -> RunResult:
     micro = recipe.train.micro_batch_size
     collate_fn = task.collator(processor, recipe.data, True, recipe.train.seed)
     eval_collate_fn = task.collator(processor, recipe.data, False, recipe.train.seed)
-    sampler = EpochShuffle(len(data.train), recipe.train.seed)
+    sampler = (
+        LengthGroupedShuffle([len(ids) for ids in data.train["input_ids"]], micro, recipe.train.seed)
+        if recipe.data.group_by_length and not recipe.data.packing
+        else EpochShuffle(len(data.train), recipe.train.seed)
+    )
     # Loaders get their own generator: starting an iterator (as a resumed run does mid-epoch) would
     # otherwise draw from the global RNG and shift every dropout mask after it.
     train_loader = DataLoader(

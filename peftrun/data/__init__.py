@@ -63,6 +63,8 @@ class DataReport:
     supervised_tokens: int  # train split: tokens with a label (the loss is computed on them)
     total_tokens: int  # train split: all tokens
     cache_hit: bool
+    packed_rows: int | None = None  # data.packing: training sequences the samples were packed into
+    packed_capacity: int | None = None  # their maximum length (max_seq_len)
 
     def lines(self) -> list[str]:
         """Human-readable summary for the log."""
@@ -74,7 +76,14 @@ class DataReport:
             f"{self.dropped_empty:,} dropped with nothing to learn",
             f"data: {self.total_tokens:,} train tokens per epoch, {self.supervised_tokens:,} supervised ({share:.1f}%)",
             f"data: tokenized data {'loaded from the cache' if self.cache_hit else 'tokenized and cached'}",
-        ]
+        ] + (
+            [
+                f"data: packed {self.train_samples:,} train samples into {self.packed_rows:,} sequences of up to "
+                f"{self.packed_capacity:,} tokens ({100 * self.total_tokens / (self.packed_rows * self.packed_capacity):.1f}% full)"
+            ]
+            if self.packed_rows and self.packed_capacity
+            else []
+        )
 
 
 @dataclass

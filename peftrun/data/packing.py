@@ -72,7 +72,8 @@ def pack_dataset(samples: datasets.Dataset, capacity: int) -> datasets.Dataset:
 
 
 def collate_packed(rows: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad packed rows into input_ids, labels and position_ids (no attention_mask, see above).
+    """Right-pad packed rows into input_ids, labels and position_ids (no attention_mask, see above),
+    with num_tokens, the real tokens of each row (for throughput; not a model input).
 
     The padding of a row gets positions 0, 1, ... of its own: to the mask builder it is one more
     sample, which attends only to itself and is never attended to; its labels are ignored.
@@ -91,4 +92,5 @@ def collate_packed(rows: Sequence[dict[str, Any]], pad_id: int) -> dict[str, tor
         labels[i, :length] = torch.as_tensor(row["labels"], dtype=torch.long)
         position_ids[i, :length] = torch.as_tensor(row["position_ids"], dtype=torch.long)
         position_ids[i, length:] = torch.arange(longest - length)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    num_tokens = torch.tensor([len(row["input_ids"]) for row in rows])
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "num_tokens": num_tokens}

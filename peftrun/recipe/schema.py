@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from peftrun.methods import check_method_options
+from peftrun.methods import check_method_options, is_prompt_learning
 from peftrun.tasks import CLASSIFIER_TASKS, TASK_FORMATS
 
 
@@ -150,6 +150,16 @@ class DataConfig(Section):
         "truncate", description="What to do with samples longer than max_seq_len; counts are reported."
     )
     train_on_prompt: bool = Field(False, description="Also compute the loss on prompt tokens (alpaca/chat).")
+    packing: bool = Field(
+        False,
+        description="causal_lm: pack several training samples per sequence of up to max_seq_len tokens "
+        "(best-fit-decreasing); no attention crosses a sample, positions restart per sample.",
+    )
+    group_by_length: bool = Field(
+        False,
+        description="Without packing: build micro-batches of similar lengths (less padding); the order of "
+        "the micro-batches stays random.",
+    )
     val_fraction: float = Field(
         0.0, ge=0.0, lt=1.0, description="Fraction of the training file held out for evaluation."
     )
@@ -272,6 +282,15 @@ class Recipe(Section):
             raise ValueError(f"data.labels is for classification tasks, not {self.task}")
         if self.data.labels is not None and len(set(self.data.labels)) != len(self.data.labels):
             raise ValueError("data.labels: the class names must be distinct")
+        if self.data.packing and self.task != "causal_lm":
+            raise ValueError(f"data.packing is for causal_lm, not {self.task}")
+        if self.data.packing and is_prompt_learning(self.method.kind):
+            raise ValueError(
+                f"data.packing cannot be used with method.kind={self.method.kind}: its virtual tokens would "
+                "be shared by every sample of a packed sequence"
+            )
+        if self.data.group_by_length and self.task == "image_classification":
+            raise ValueError("data.group_by_length: images have no length; leave it off")
         if self.model.quantization is not None and self.method.kind in ("full", "frozen"):
             raise ValueError(
                 f"method.kind={self.method.kind} cannot train quantized weights; use an adapter (e.g. lora) "

@@ -52,7 +52,8 @@ def test_packed_rows_hold_the_samples_with_restarting_positions() -> None:
     assert sum(sum(t != IGNORE_INDEX for t in r) for r in packed["labels"]) == supervised
 
     batch = collate_packed(list(packed), pad_id=0)
-    assert set(batch) == {"input_ids", "labels", "position_ids"}  # no attention_mask: see packing.py
+    assert set(batch) == {"input_ids", "labels", "position_ids", "num_tokens"}  # no attention_mask
+    assert batch["num_tokens"].tolist() == [len(r) for r in packed["input_ids"]]
     pad = batch["input_ids"].shape[1] - len(packed[1]["input_ids"])
     if pad:
         assert batch["position_ids"][1, -pad:].tolist() == list(range(pad))
@@ -105,3 +106,38 @@ def test_no_attention_weight_crosses_a_sample_boundary(tiny_llama: Path) -> None
     for layer in attentions:  # [batch, heads, query, key]
         assert (layer.masked_select(~same_sample[:, None]) == 0).all()
         assert (layer.masked_select(same_sample[:, None]) > 0).any()
+
+
+def test_packed_losses_and_gradients_equal_unpacked(tiny_llama: Path) -> None:
+    """Through the task's own loss: the per-row loss sums of a packed batch add up to the per-sample
+    sums of its samples, and the LoRA gradients of the total loss are the same."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from peftrun.data import collate
+    from peftrun.tasks import TASKS
+
+    task = TASKS["causal_lm"]
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    base.config.use_cache = False
+    config = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    model = get_peft_model(base, config)
+    samples = samples_dataset([9, 14, 6, 11, 17])
+    packed_rows = list(pack_dataset(samples, capacity=30))
+    assert len(packed_rows) < len(samples)
+
+    def loss_and_grads(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        per_row = task.loss_per_sample(model, batch)
+        per_row.sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad and p.grad is not None]
+        return per_row.detach(), grads
+
+    unpacked_loss, unpacked_grads = loss_and_grads(collate(list(samples), pad_id=0))
+    packed_loss, packed_grads = loss_and_grads(collate_packed(packed_rows, pad_id=0))
+    targets = task.targets_per_sample(collate(list(samples), pad_id=0)).sum()
+    assert task.targets_per_sample(collate_packed(packed_rows, pad_id=0)).sum() == targets
+    torch.testing.assert_close(packed_loss.sum(), unpacked_loss.sum(), rtol=1e-6, atol=0)
+    assert len(packed_grads) == len(unpacked_grads) > 0
+    for got, expected in zip(packed_grads, unpacked_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)  # float summation order only

@@ -67,6 +67,14 @@ BAD_RECIPES = [
         _merge(method={"kind": "full"}, model={"quantization": {"bits": 4}}),
         "method.kind=full cannot train quantized weights",
     ),
+    (
+        _merge(method={"kind": "prompt_tuning", "num_virtual_tokens": 4}, data={"packing": True}),
+        "data.packing cannot be used with method.kind=prompt_tuning",
+    ),
+    (
+        {**BASE, "task": "sequence_classification", "data": {"path": "d", "packing": True}},
+        "data.packing is for causal_lm, not sequence_classification",
+    ),
     ({"model": {"name_or_path": "m"}, "data": {"path": "d"}}, "output_dir: required key is missing"),
     ("model: [unclosed", "not valid YAML"),
     ("- a list", "a recipe is a YAML mapping"),
