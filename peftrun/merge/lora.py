@@ -79,6 +79,10 @@ class MergePlan:
     updates: dict[str, LoraUpdate]
     replacements: dict[str, torch.Tensor]
 
+    def base_of(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The weight an update applies to: an adapted embedding saved with its base layer brings its own."""
+        return self.replacements.get(name, tensor)
+
     def touched(self) -> set[str]:
         return set(self.updates) | set(self.replacements)
 
@@ -117,7 +121,10 @@ def plan(config: dict[str, Any], tensors: dict[str, torch.Tensor], skeleton: Any
     for key, tensor in tensors.items():
         name = key.removeprefix(PEFT_PREFIX)
         matched = next(((s, p) for s, p in PARTS.items() if name.endswith("." + s)), None)
-        if matched is None:  # modules_to_save: the saved tensor is the whole new weight
+        if matched is None:
+            # The whole new weight: modules_to_save, or an adapted embedding saved with its base layer
+            # (peft does so when embeddings are targeted, in case the vocabulary was resized).
+            name = name.replace(".base_layer.", ".")
             module, _, param = name.rpartition(".")
             _check_module(modules, module, key, skeleton)
             expected = getattr(modules[module], param, None)

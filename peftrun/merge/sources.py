@@ -115,8 +115,8 @@ def task_for(peft_task_type: str | None, architectures: list[str], base_dir: Pat
         if peft_task_type and task.peft_task_type == peft_task_type:
             return task
     for task in TASKS.values():
-        head = task.auto_class.removeprefix("AutoModel")
-        if any(name.endswith(head) for name in architectures):
+        head = task.auto_class.removeprefix("AutoModel")  # the naming convention, for classes not listed
+        if any(name in _classes_loaded_by(task) or name.endswith(head) for name in architectures):
             return task
     raise UserError(
         f"{base_dir}: cannot tell which task the base is for (peft task_type {peft_task_type!r}, architectures "
@@ -154,3 +154,12 @@ def local_base_dir(name: str, revision: str | None, key: str) -> Path:
 
 def _dtype_name(torch_name: str | None) -> str:
     return {"bfloat16": "bf16", "float16": "fp16"}.get(str(torch_name), "fp32")
+
+
+def _classes_loaded_by(task: Task) -> set[str]:
+    """Model class names the task's Auto class maps to (GPT2LMHeadModel for AutoModelForCausalLM)."""
+    names: dict[str, Any] = getattr(getattr(task.model_class(), "_model_mapping", None), "_model_mapping", {})
+    found: set[str] = set()
+    for value in names.values():
+        found.update([value] if isinstance(value, str) else value)
+    return found

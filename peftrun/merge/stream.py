@@ -133,10 +133,10 @@ def _merged_tensor(
     dtype: torch.dtype,
     base_weight: Callable[[str, torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
-    if name in merge_plan.replacements:
+    if name in merge_plan.updates:
+        tensor = merge_plan.updates[name].merged(base_weight(name, merge_plan.base_of(name, tensor)))
+    elif name in merge_plan.replacements:
         tensor = merge_plan.replacements[name]
-    elif name in merge_plan.updates:
-        tensor = merge_plan.updates[name].merged(base_weight(name, tensor))
     else:
         tensor = base_weight(name, tensor)
     return (tensor.to(dtype) if tensor.is_floating_point() else tensor).contiguous()

@@ -122,13 +122,16 @@ def light_verdict(
     for name in _spread(sorted(merge_plan.updates), LIGHT_SAMPLE):
         update = merge_plan.updates[name]
         expected, got = _layer_outputs(
-            update, adapter_config, base_weight(name, base.get(name)), merged.get(name)
+            update,
+            adapter_config,
+            base_weight(name, merge_plan.base_of(name, base.get(name))),
+            merged.get(name),
         )
         diff = float((got - expected).abs().max())
         worst_abs = max(worst_abs, diff)
         worst_rel = max(worst_rel, diff / max(1.0, float(expected.abs().max())))
     for name, tensor in merge_plan.replacements.items():
-        if not torch.equal(merged.get(name), tensor.to(dtype)):
+        if name not in merge_plan.updates and not torch.equal(merged.get(name), tensor.to(dtype)):
             raise MergeVerificationError(
                 f"merged tensor '{name}' is not the adapter's saved module (modules_to_save)"
             )
