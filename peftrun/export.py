@@ -55,9 +55,7 @@ def export_adapter(inputs: MergeInputs, out_dir: Path, overwrite: bool = False) 
     config["base_model_name_or_path"] = inputs.base
     config["revision"] = inputs.revision
     config["inference_mode"] = True
-    targets = config.get("target_modules")
-    if isinstance(targets, list):
-        config["target_modules"] = sorted(targets)
+    config["target_modules"] = short_target_modules(config.get("target_modules"), inputs)
     out_dir = out_dir.resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
@@ -71,6 +69,19 @@ def export_adapter(inputs: MergeInputs, out_dir: Path, overwrite: bool = False) 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def short_target_modules(targets: Any, inputs: MergeInputs) -> Any:
+    """peft records 'all-linear' as every full module name; serving stacks (vLLM) match leaf names
+    ('q_proj'). Leaf names are written when they select exactly the same modules of the base."""
+    if not isinstance(targets, list) or not any("." in t for t in targets):
+        return sorted(targets) if isinstance(targets, list) else targets
+    from peftrun.merge import meta_model
+
+    leaves = {t.rsplit(".", 1)[-1] for t in targets}
+    names = [n for n, _ in meta_model(inputs).named_modules()]
+    selected = {n for n in names if n.rsplit(".", 1)[-1] in leaves}
+    return sorted(leaves) if selected == set(targets) else sorted(targets)
 
 
 # ---- the command line's two commands -----------------------------------------------------------------------
