@@ -120,10 +120,14 @@ def _reset_accelerate() -> None:
 
 @pytest.fixture(scope="module")
 def merged_runs(runs: dict[str, Path]) -> dict[str, Path]:
-    options = MergeOptions(dtype="fp32", max_shard_size=SHARD)
-    return {
-        name: merge(inputs_for(str(run), None), run / "merged", options).out_dir for name, run in runs.items()
-    }
+    # The full verdict on two of them; the test below checks all three end to end anyway.
+    merged = {}
+    for name, run in runs.items():
+        options = MergeOptions(
+            dtype="fp32", max_shard_size=SHARD, check="light" if "dora" in name else "full"
+        )
+        merged[name] = merge(inputs_for(str(run), None), run / "merged", options).out_dir
+    return merged
 
 
 FRESH_PROCESS = """
@@ -147,6 +151,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow  # three real runs and a fresh interpreter
 def test_merged_runs_load_without_peft_and_give_the_adapter_models_logits(
     runs: dict[str, Path], merged_runs: dict[str, Path], sharded_llama: Path
 ) -> None:
@@ -472,7 +477,9 @@ def test_export_adapter_is_clean_and_loads_with_peft(
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(sharded_llama) and config["inference_mode"] is True
     # all-linear, as leaf names (what vLLM matches), not peft's list of every full module name
-    assert config["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    assert config["target_modules"] == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     base = AutoModelForCausalLM.from_pretrained(sharded_llama)
     expected = logits(peft.PeftModel.from_pretrained(base, run / "final"), base.config.vocab_size)
     base = AutoModelForCausalLM.from_pretrained(sharded_llama)

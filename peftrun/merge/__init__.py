@@ -105,7 +105,7 @@ def merge(
             say(
                 f"[peftrun] merging {merge_plan.describe()} into {inputs.base} shard by shard "
                 f"({len(set(weight_map.values()))} base file(s), largest "
-                f"{largest_file_bytes(inputs.base_dir, weight_map) / 2**20:.0f} MiB) in fp32, saved as {dtype}"
+                f"{largest_file_bytes(inputs.base_dir, weight_map) / 2**20:.1f} MiB) in fp32, saved as {_name(dtype)}"
             )
             shards = write_merged_shards(
                 inputs.base_dir, weight_map, merge_plan, dtype, tmp, max_shard_bytes, base_weight
@@ -132,7 +132,7 @@ def merge(
         say(f"[peftrun] {note}")
     say(f"[peftrun] {verdict.line()}")
     seconds = time.perf_counter() - start
-    say(f"[peftrun] saved {out_dir}: {shards} shard(s), {dtype}, in {seconds:.1f} s")
+    say(f"[peftrun] saved {out_dir}: {shards} shard(s), {_name(dtype)}, in {seconds:.1f} s")
     return MergeResult(out_dir, isinstance(merge_plan, MergePlan), shards, verdict, seconds)
 
 
@@ -288,3 +288,7 @@ def _task_name(inputs: MergeInputs) -> str:
 
 def _unchanged(name: str, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
+
+
+def _name(dtype: torch.dtype) -> str:
+    return next(name for name, value in DTYPES.items() if value == dtype)
