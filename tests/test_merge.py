@@ -50,7 +50,7 @@ def randomized(model: Any, seed: int) -> Any:
     """Adapter weights away from their init (B != 0, DoRA magnitudes moved), as after training."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.requires_grad:
                 param.add_(0.1 * torch.randn(param.shape, generator=generator))
     return model
