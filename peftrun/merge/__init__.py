@@ -21,7 +21,7 @@ import torch
 from peftrun.errors import UserError, did_you_mean
 from peftrun.merge.files import write_model_files
 from peftrun.merge.lora import MergePlan, plan
-from peftrun.merge.qlora import QLORA_BASES, nf4_round_trip
+from peftrun.merge.qlora import QLORA_BASES, nf4_round_trip, quantized_weight_names
 from peftrun.merge.sources import MergeInputs, read_base_config
 from peftrun.merge.stream import base_weight_map, largest_file_bytes, write_merged_shards
 from peftrun.merge.verdict import (
@@ -116,7 +116,7 @@ def merge(
                 "merge_and_unload, which holds the whole model in memory"
             )
             shards = peft_merge(inputs, tmp, dtype, options.max_shard_size, base_weight)
-        write_model_files(inputs, tmp, dtype)
+        notes = write_model_files(inputs, tmp, dtype)
         try:
             verdict = judge(
                 inputs, tmp, dtype, options.check, merge_plan, weight_map, base_weight, round_trip
@@ -128,7 +128,7 @@ def merge(
         publish(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for note in verdict.notes:
+    for note in [*notes, *verdict.notes]:
         say(f"[peftrun] {note}")
     say(f"[peftrun] {verdict.line()}")
     seconds = time.perf_counter() - start
@@ -229,6 +229,7 @@ def judge(
             base_weight,
             dtype,
             logit_tolerance(dtype, quantized=False),
+            frozenset(quantized_weight_names(meta_model(inputs))) if round_trip else frozenset(),
         ).check()
     from peft import PeftModel
 

@@ -12,14 +12,22 @@ import torch
 
 from peftrun.merge.sources import MergeInputs
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
-def write_model_files(inputs: MergeInputs, out_dir: Path, dtype: torch.dtype) -> None:
+
+def write_model_files(inputs: MergeInputs, out_dir: Path, dtype: torch.dtype) -> list[str]:
+    """Write them; returns notes for the user (e.g. no tokenizer to ship)."""
     from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(inputs.base_dir, trust_remote_code=inputs.trust_remote_code)
     config.dtype = dtype
     config.use_cache = True  # peftrun trains with the cache off; generation wants it
     config.save_pretrained(out_dir)
+    for code in inputs.base_dir.glob("*.py"):
+        shutil.copy(code, out_dir / code.name)
+    if not any((inputs.tokenizer_source / name).is_file() for name in TOKENIZER_FILES):
+        generation_config(inputs.base_dir, config, None).save_pretrained(out_dir)
+        return [f"no tokenizer in {inputs.tokenizer_source}: the merged checkpoint ships without one"]
     tokenizer = AutoTokenizer.from_pretrained(
         inputs.tokenizer_source, trust_remote_code=inputs.trust_remote_code
     )
@@ -28,8 +36,7 @@ def write_model_files(inputs: MergeInputs, out_dir: Path, dtype: torch.dtype) ->
         tokenizer.chat_template = inputs.chat_template
     tokenizer.save_pretrained(out_dir)
     generation_config(inputs.base_dir, config, tokenizer).save_pretrained(out_dir)
-    for code in inputs.base_dir.glob("*.py"):
-        shutil.copy(code, out_dir / code.name)
+    return []
 
 
 def generation_config(base_dir: Path, config: Any, tokenizer: Any) -> Any:
@@ -40,6 +47,8 @@ def generation_config(base_dir: Path, config: Any, tokenizer: Any) -> Any:
         generation = GenerationConfig.from_pretrained(base_dir)
     except OSError:
         generation = GenerationConfig.from_model_config(config)
+    if tokenizer is None:
+        return generation
     eos = generation.eos_token_id
     eos_ids = list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:

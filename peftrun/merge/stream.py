@@ -8,19 +8,21 @@ any weight is read. An output shard never spans two input shards.
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from peftrun.errors import UserError
 from peftrun.merge.lora import MergePlan
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 SAFETENSORS_ITEMSIZE = {
     "F64": 8,
     "F32": 4,
@@ -60,13 +62,14 @@ def largest_file_bytes(base_dir: Path, weight_map: dict[str, str]) -> int:
 class OutputShard:
     source: str  # the base file its tensors are read from
     names: list[str]
+    headers: dict[str, tuple[str, list[int]]]  # name -> (safetensors dtype written, shape)
 
 
 def plan_shards(
     base_dir: Path, weight_map: dict[str, str], dtype: torch.dtype, max_shard_bytes: int
 ) -> tuple[list[OutputShard], int]:
     """Group the base's tensors (in file order) into output shards of at most max_shard_bytes at `dtype`."""
-    out_itemsize = torch.empty((), dtype=dtype).element_size()
+    out_code = SAFETENSORS_DTYPES[dtype]
     shards: list[OutputShard] = []
     total = 0
     for source in sorted(set(weight_map.values())):
@@ -79,13 +82,13 @@ def plan_shards(
                 for dim in view.get_shape():
                     numel *= dim
                 stored = view.get_dtype()
-                nbytes = numel * (
-                    out_itemsize if stored.startswith(("F", "BF")) else SAFETENSORS_ITEMSIZE[stored]
-                )
+                written = out_code if stored.startswith(("F", "BF")) else stored
+                nbytes = numel * SAFETENSORS_ITEMSIZE[written]
                 if current is None or (size + nbytes > max_shard_bytes and current.names):
-                    current, size = OutputShard(source, []), 0
+                    current, size = OutputShard(source, [], {}), 0
                     shards.append(current)
                 current.names.append(name)
+                current.headers[name] = (written, list(view.get_shape()))
                 size += nbytes
                 total += nbytes
     return shards, total
@@ -112,18 +115,53 @@ def write_merged_shards(
     index: dict[str, str] = {}
     for i, shard in enumerate(shards, start=1):
         filename = SAFE_SINGLE if count == 1 else f"model-{i:05d}-of-{count:05d}.safetensors"
-        tensors: dict[str, torch.Tensor] = {}
-        with safe_open(base_dir / shard.source, framework="pt") as handle:
-            for name in shard.names:
-                tensors[name] = _merged_tensor(name, handle.get_tensor(name), merge_plan, dtype, base_weight)
-                index[name] = filename
-        save_file(tensors, out_dir / filename, metadata={"format": "pt"})
-        del tensors
+
+        # One mapping per tensor: the input's pages leave the process as soon as the tensor is read.
+        def produce(name: str, source: str = shard.source) -> torch.Tensor:
+            with safe_open(base_dir / source, framework="pt") as handle:
+                tensor = handle.get_tensor(name)
+            return _merged_tensor(name, tensor, merge_plan, dtype, base_weight)
+
+        write_safetensors(out_dir / filename, shard.headers, produce)
+        index.update(dict.fromkeys(shard.names, filename))
     if count > 1:
         (out_dir / SAFE_INDEX).write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=2, sort_keys=True)
         )
     return count
+
+
+def write_safetensors(
+    path: Path, headers: dict[str, tuple[str, list[int]]], produce: Callable[[str], torch.Tensor]
+) -> None:
+    """A safetensors file written tensor by tensor: the header (names, dtypes, shapes, offsets) is known
+    from the plan, so no more than one tensor is ever held (safetensors' save_file needs them all, and
+    copies them once more while serializing)."""
+    entries: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, (code, shape) in headers.items():
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        entries[name] = {
+            "dtype": code,
+            "shape": shape,
+            "data_offsets": [offset, offset + numel * SAFETENSORS_ITEMSIZE[code]],
+        }
+        offset += numel * SAFETENSORS_ITEMSIZE[code]
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format's 8-byte alignment of the data
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(header)))
+        handle.write(header)
+        for name, (code, shape) in headers.items():
+            tensor = produce(name)
+            if list(tensor.shape) != shape or SAFETENSORS_DTYPES.get(tensor.dtype, code) != code:
+                raise RuntimeError(
+                    f"internal: {name} came out as {tensor.dtype} {list(tensor.shape)}, planned {code} {shape}"
+                )
+            handle.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))  # no copy
+            del tensor
 
 
 def _merged_tensor(
