@@ -11,7 +11,7 @@ Each merge then runs in its own fresh process, alternating A B A B (medians repo
 - B, peft: `from_pretrained` + `PeftModel.from_pretrained` + `merge_and_unload` + `save_pretrained`,
   with the same output shard size.
 
-Each worker reports its peak RSS (ru_maxrss), the RSS after its imports (the libraries' share, the same
+Each worker reports its peak RSS (VmHWM), the RSS after its imports (the libraries' share, the same
 for both) and its wall time. The goal for A: peak RSS above the imports < 1.5 x (largest shard + adapter).
 """
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -134,7 +133,7 @@ def worker(mode: str, base: str, adapter: str, out: str, shard: str) -> None:
     from peftrun.export import inputs_for
     from peftrun.merge import MergeOptions, merge
 
-    import_mb = _rss_now_mb()
+    import_mb = _status_mb("VmRSS")
     start = time.perf_counter()
     if mode == "peftrun":
         merge(
@@ -147,14 +146,15 @@ def worker(mode: str, base: str, adapter: str, out: str, shard: str) -> None:
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)
         model.merge_and_unload().save_pretrained(out, max_shard_size=shard)
     seconds = time.perf_counter() - start
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so it would report the parent's peak.
+    peak_mb = _status_mb("VmHWM")
     print(json.dumps({"peak_mb": peak_mb, "import_mb": import_mb, "seconds": seconds}))
 
 
-def _rss_now_mb() -> float:
+def _status_mb(field: str) -> float:
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
 
