@@ -160,7 +160,7 @@ def write_safetensors(
                 raise RuntimeError(
                     f"internal: {name} came out as {tensor.dtype} {list(tensor.shape)}, planned {code} {shape}"
                 )
-            handle.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))  # no copy
+            handle.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)  # a view: no copy
             del tensor
 
 
