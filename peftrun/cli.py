@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from peftrun.errors import UserError, did_you_mean
 from peftrun.recipe.docs import keys_text
 
-SUBCOMMANDS = ("train", "validate", "demo", "keys", "eval", "predict")
+SUBCOMMANDS = ("train", "validate", "demo", "keys", "eval", "predict", "merge", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +54,35 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("section", nargs="?", help="only keys starting with this (e.g. train)")
     keys.add_argument("--kind", help="with section 'method': list the options of this adapter (e.g. lora)")
     keys.add_argument("--markdown", action="store_true", help="print the whole reference as Markdown")
+    _add_merge_commands(sub)
     return parser
+
+
+def _add_merge_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from peftrun.export import FORMATS, add_merge_options
+    from peftrun.merge.combine import COMBINATIONS
+
+    merge = sub.add_parser(
+        "merge",
+        help="fold an adapter into its base: a verified transformers checkpoint, written shard by shard",
+        description="peftrun merge RUN_DIR | ADAPTER_DIR --base BASE --out OUT | --adapters A B --weights ...",
+    )
+    merge.add_argument("source", nargs="?", help="run directory (knows its base) or adapter directory")
+    merge.add_argument("--out", help="output directory (default for a run directory: RUN/merged)")
+    add_merge_options(merge)
+    merge.add_argument(
+        "--adapters", nargs="+", metavar="DIR", help="combine several adapters (run or adapter dirs)"
+    )
+    merge.add_argument("--weights", nargs="+", type=float, help="one weight per adapter (default: equal)")
+    merge.add_argument("--combination", help=f"how to combine: {', '.join(COMBINATIONS)} (default: linear)")
+    merge.add_argument("--density", type=float, help="fraction kept by ties/dare/magnitude_prune")
+    merge.add_argument("--svd-rank", type=int, help="rank of svd combinations (default: largest input rank)")
+    merge.add_argument("--seed", type=int, default=0, help="seed of DARE's random pruning")
+    export = sub.add_parser("export", help="export a run: the clean adapter, or the merged model")
+    export.add_argument("run", help="run directory (or adapter directory with --base)")
+    export.add_argument("--format", choices=FORMATS, default="adapter", help="adapter | merged")
+    export.add_argument("--out", required=True, help="output directory")
+    add_merge_options(export)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -89,6 +117,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         else:
             print(keys_text(args.section))
         return 0
+    if args.command in ("merge", "export"):
+        _quiet_library_progress_bars()
+        from peftrun.export import export_command, merge_command
+
+        return merge_command(args) if args.command == "merge" else export_command(args)
     if args.command == "demo":
         _quiet_library_progress_bars()
         from peftrun.demo import run_demo

@@ -1,0 +1,178 @@
+"""peftrun export: what leaves a run directory for deployment.
+
+`--format adapter`: a clean adapter directory that peft and vLLM load as is: adapter_config.json (with the
+base model recorded and the target modules peft resolved), adapter_model.safetensors and the tokenizer the
+run trained with; nothing else from the run (no checkpoints, optimizer state or logs).
+`--format merged`: `peftrun merge`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from peftrun.errors import UserError
+from peftrun.merge import MergeOptions, merge, publish
+from peftrun.merge.sources import (
+    ADAPTER_CONFIG,
+    MergeInputs,
+    inputs_from_adapter,
+    inputs_from_run,
+    is_run_dir,
+)
+from peftrun.verify import ADAPTER_WEIGHTS
+
+FORMATS = ("adapter", "merged")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+)
+
+
+def inputs_for(source: str, base: str | None) -> MergeInputs:
+    """A run directory (its recipe knows the base) or an adapter directory (+ --base)."""
+    path = Path(source)
+    if not path.is_dir():
+        raise UserError(f"{source}: no such directory (expected a run directory or an adapter directory)")
+    if is_run_dir(path):
+        if base is not None:
+            raise UserError(f"--base: {source} is a run directory, whose recipe names its base; drop --base")
+        return inputs_from_run(path)
+    return inputs_from_adapter(path, base)
+
+
+def export_adapter(inputs: MergeInputs, out_dir: Path, overwrite: bool = False) -> Path:
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise UserError(f"--out: {out_dir} exists and is not empty; remove it or pass --overwrite")
+    config: dict[str, Any] = inputs.adapter_config
+    config["base_model_name_or_path"] = inputs.base
+    config["revision"] = inputs.revision
+    config["inference_mode"] = True
+    config["target_modules"] = short_target_modules(config.get("target_modules"), inputs)
+    out_dir = out_dir.resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
+    try:
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+        shutil.copy(inputs.adapter_dir / ADAPTER_WEIGHTS, tmp / ADAPTER_WEIGHTS)
+        for name in TOKENIZER_FILES:
+            if (inputs.tokenizer_source / name).is_file():
+                shutil.copy(inputs.tokenizer_source / name, tmp / name)
+        publish(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def short_target_modules(targets: Any, inputs: MergeInputs) -> Any:
+    """peft records 'all-linear' as every full module name; serving stacks (vLLM) match leaf names
+    ('q_proj'). Leaf names are written when they select exactly the same modules of the base."""
+    if not isinstance(targets, list) or not any("." in t for t in targets):
+        return sorted(targets) if isinstance(targets, list) else targets
+    from peftrun.merge import meta_model
+
+    leaves = {t.rsplit(".", 1)[-1] for t in targets}
+    names = [n for n, _ in meta_model(inputs).named_modules()]
+    selected = {n for n in names if n.rsplit(".", 1)[-1] in leaves}
+    return sorted(leaves) if selected == set(targets) else sorted(targets)
+
+
+# ---- the command line's two commands -----------------------------------------------------------------------
+
+
+def merge_options(args: argparse.Namespace) -> MergeOptions:
+    return MergeOptions(
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        check=args.check,
+        qlora_base=args.qlora_base,
+        overwrite=args.overwrite,
+    )
+
+
+def merge_command(args: argparse.Namespace) -> int:
+    if args.adapters:
+        return _combine_command(args)
+    if args.source is None:
+        raise UserError("merge: give a run or adapter directory, or --adapters A B ... to combine several")
+    for flag in ("weights", "combination", "density", "svd_rank"):
+        if getattr(args, flag) is not None:
+            raise UserError(f"--{flag.replace('_', '-')}: only with --adapters (combining several adapters)")
+    inputs = inputs_for(args.source, args.base)
+    if args.out is None and not is_run_dir(Path(args.source)):
+        raise UserError(
+            "--out: required when merging an adapter directory (a run directory defaults to RUN/merged)"
+        )
+    out = Path(args.out) if args.out else Path(args.source) / "merged"
+    merge(inputs, out, merge_options(args))
+    return 0
+
+
+def _combine_command(args: argparse.Namespace) -> int:
+    from peftrun.merge.combine import combine_adapters
+
+    if args.source is not None:
+        raise UserError(f"merge: give either a directory ({args.source}) or --adapters, not both")
+    if args.out is None:
+        raise UserError("--out: required when combining adapters")
+    adapters = [
+        inputs_for(a, args.base) if not is_run_dir(Path(a)) else inputs_from_run(Path(a))
+        for a in args.adapters
+    ]
+    weights = args.weights if args.weights is not None else [1.0 / len(adapters)] * len(adapters)
+    out = Path(args.out)
+    with tempfile.TemporaryDirectory(prefix=".combined-adapter-", dir=out.resolve().parent) as tmp:
+        combined = combine_adapters(
+            adapters, weights, args.combination or "linear", args.density, args.svd_rank, args.seed, Path(tmp)
+        )
+        print(
+            f"[peftrun] combined {len(adapters)} adapters ({args.combination or 'linear'}, weights {weights})"
+        )
+        merge(combined, out, merge_options(args))
+    return 0
+
+
+def export_command(args: argparse.Namespace) -> int:
+    inputs = inputs_for(args.run, args.base)
+    out = Path(args.out)
+    if args.format == "merged":
+        merge(inputs, out, merge_options(args))
+    else:
+        export_adapter(inputs, out, args.overwrite)
+        print(f"[peftrun] exported the adapter of {args.run} to {out} (base: {inputs.base})")
+    return 0
+
+
+def add_merge_options(parser: argparse.ArgumentParser) -> None:
+    from peftrun.merge import CHECKS, DEFAULT_MAX_SHARD_SIZE
+    from peftrun.merge.qlora import QLORA_BASES
+
+    parser.add_argument(
+        "--base", help="base model path or Hub id (default: the run's recipe / the adapter's record)"
+    )
+    parser.add_argument("--dtype", help="fp32 | bf16 | fp16 (default: the dtype the adapter was trained on)")
+    parser.add_argument(
+        "--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="largest output shard (e.g. 2GB)"
+    )
+    parser.add_argument(
+        "--check",
+        default="full",
+        choices=CHECKS,
+        help="full: logits of base+adapter (peft) vs merged on a fixed batch; light: a sample of layers, "
+        "one weight in memory at a time (for models too big to load)",
+    )
+    parser.add_argument(
+        "--qlora-base",
+        default="dequantized",
+        choices=QLORA_BASES,
+        help="QLoRA runs: merge into the NF4 weights the adapter was trained on (dequantized), or into the "
+        "original weights (the verdict reports the difference to the trained model)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

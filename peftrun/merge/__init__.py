@@ -1,0 +1,295 @@
+"""peftrun merge: an adapter folded into its base, as a plain transformers checkpoint, verified.
+
+The flow, top to bottom: check everything the user gave (dtype, shard size, output, base files, adapter
+against the base's architecture) before reading a weight; merge shard by shard when the adapter is in the
+LoRA family (else through peft's merge_and_unload, said out loud); write config, generation config and
+tokenizer; compare with base + adapter through peft; publish by renaming the temporary directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftrun.errors import UserError, did_you_mean
+from peftrun.merge.files import write_model_files
+from peftrun.merge.lora import MergePlan, plan
+from peftrun.merge.qlora import QLORA_BASES, nf4_round_trip, quantized_weight_names
+from peftrun.merge.sources import MergeInputs, read_base_config
+from peftrun.merge.stream import base_weight_map, largest_file_bytes, write_merged_shards
+from peftrun.merge.verdict import (
+    MergedFiles,
+    MergeVerificationError,
+    Verdict,
+    compare_logits,
+    light_verdict,
+)
+from peftrun.model import DTYPES
+from peftrun.verify import ADAPTER_WEIGHTS, logit_tolerance
+
+CHECKS = ("full", "light")
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+
+
+@dataclass
+class MergeOptions:
+    dtype: str | None = None  # None: the dtype the adapter was trained on
+    max_shard_size: str = DEFAULT_MAX_SHARD_SIZE
+    check: str = "full"
+    qlora_base: str = "dequantized"
+    overwrite: bool = False
+
+
+@dataclass
+class MergeResult:
+    out_dir: Path
+    streamed: bool  # False: peft's merge_and_unload did it
+    shards: int
+    verdict: Verdict
+    seconds: float
+
+
+def merge(
+    inputs: MergeInputs, out_dir: Path, options: MergeOptions, say: Callable[[str], None] = print
+) -> MergeResult:
+    start = time.perf_counter()
+    dtype = resolve_dtype(options.dtype or inputs.base_dtype)
+    max_shard_bytes = parse_size(options.max_shard_size)
+    if options.check not in CHECKS:
+        raise UserError(f"--check: '{options.check}' is not one of {', '.join(CHECKS)}")
+    if options.qlora_base not in QLORA_BASES:
+        raise UserError(f"--qlora-base: '{options.qlora_base}' is not one of {', '.join(QLORA_BASES)}")
+    if out_dir.exists() and any(out_dir.iterdir()) and not options.overwrite:
+        raise UserError(f"--out: {out_dir} exists and is not empty; remove it or pass --overwrite")
+    if not (inputs.adapter_dir / ADAPTER_WEIGHTS).is_file():
+        raise UserError(f"{inputs.adapter_dir}: no {ADAPTER_WEIGHTS} (peftrun merges safetensors adapters)")
+    weight_map = base_weight_map(inputs.base_dir)
+    skeleton = meta_model(inputs)
+    # What the adapter was trained on: QLoRA's 4-bit weights, dequantized, unless the user asks otherwise.
+    round_trip = (
+        inputs.quantization is not None
+        and inputs.quantization.bits == 4
+        and options.qlora_base == "dequantized"
+    )
+    base_weight = (
+        nf4_round_trip(skeleton, inputs.quantization, inputs.base_dtype)
+        if round_trip and inputs.quantization is not None
+        else _unchanged
+    )
+    from safetensors.torch import load_file
+
+    adapter_config = inputs.adapter_config
+    merge_plan = plan(adapter_config, load_file(inputs.adapter_dir / ADAPTER_WEIGHTS), skeleton)
+    if isinstance(merge_plan, MergePlan) and weight_map is None:
+        merge_plan = "bases without safetensors weights"
+    elif (
+        isinstance(merge_plan, MergePlan)
+        and weight_map is not None
+        and merge_plan.touched() - set(weight_map)
+    ):
+        merge_plan = "checkpoints whose tensor names differ from the model's module names"
+
+    out_dir = out_dir.resolve()
+    tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        if isinstance(merge_plan, MergePlan) and weight_map is not None:
+            say(
+                f"[peftrun] merging {merge_plan.describe()} into {inputs.base} shard by shard "
+                f"({len(set(weight_map.values()))} base file(s), largest "
+                f"{largest_file_bytes(inputs.base_dir, weight_map) / 2**20:.1f} MiB) in fp32, saved as {_name(dtype)}"
+            )
+            shards = write_merged_shards(
+                inputs.base_dir, weight_map, merge_plan, dtype, tmp, max_shard_bytes, base_weight
+            )
+        else:
+            say(
+                f"[peftrun] streaming covers the LoRA family, not {merge_plan}: merging with peft's "
+                "merge_and_unload, which holds the whole model in memory"
+            )
+            shards = peft_merge(inputs, tmp, dtype, options.max_shard_size, base_weight)
+        notes = write_model_files(inputs, tmp, dtype)
+        try:
+            verdict = judge(
+                inputs, tmp, dtype, options.check, merge_plan, weight_map, base_weight, round_trip
+            )
+        except MergeVerificationError as exc:
+            raise UserError(
+                f"the merged checkpoint failed verification and was not published: {exc}"
+            ) from None
+        publish(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for note in [*notes, *verdict.notes]:
+        say(f"[peftrun] {note}")
+    say(f"[peftrun] {verdict.line()}")
+    seconds = time.perf_counter() - start
+    say(f"[peftrun] saved {out_dir}: {shards} shard(s), {_name(dtype)}, in {seconds:.1f} s")
+    return MergeResult(out_dir, isinstance(merge_plan, MergePlan), shards, verdict, seconds)
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise UserError(
+            f"--dtype: unknown dtype '{name}'{did_you_mean(name, DTYPES)} (choose from {', '.join(DTYPES)})"
+        )
+    dtype = DTYPES[name]
+    if dtype == torch.bfloat16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise UserError(
+            "--dtype: bf16 is not supported by this GPU (it cannot run the verdict); use fp16 or fp32"
+        )
+    return dtype
+
+
+def parse_size(text: str) -> int:
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        size = int(convert_file_size_to_int(text))
+    except (ValueError, TypeError):
+        size = 0
+    if size <= 0:
+        raise UserError(f"--max-shard-size: '{text}' is not a size (e.g. 2GB, 500MB)")
+    return size
+
+
+def meta_model(inputs: MergeInputs) -> Any:
+    """The base's architecture with no memory behind it: module types, names, shapes and tied weights."""
+    from transformers import AutoConfig
+
+    read_base_config(inputs.base_dir)
+    config = AutoConfig.from_pretrained(inputs.base_dir, trust_remote_code=inputs.trust_remote_code)
+    with torch.device("meta"):
+        return inputs.task.model_class().from_config(config, trust_remote_code=inputs.trust_remote_code)
+
+
+def peft_merge(
+    inputs: MergeInputs,
+    out_dir: Path,
+    dtype: torch.dtype,
+    max_shard_size: str,
+    base_weight: Callable[[str, torch.Tensor], torch.Tensor],
+) -> int:
+    """peft's own merge of the whole model in memory (fp32), for adapters streaming does not cover."""
+    from peft import PeftModel
+
+    model = load_base(inputs, torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.data = base_weight(name, param.data).float()
+    merged = PeftModel.from_pretrained(model, inputs.adapter_dir).merge_and_unload(safe_merge=True)
+    merged.to(dtype).save_pretrained(out_dir, max_shard_size=max_shard_size)
+    return len(list(out_dir.glob("*.safetensors")))
+
+
+def load_base(inputs: MergeInputs, dtype: torch.dtype, quantized: bool = False) -> Any:
+    if quantized and inputs.quantization is not None:
+        from peftrun.model import load_model
+        from peftrun.recipe.schema import ModelConfig
+
+        cfg = ModelConfig(
+            name_or_path=str(inputs.base_dir),
+            dtype=inputs.base_dtype,
+            quantization=inputs.quantization,
+            trust_remote_code=inputs.trust_remote_code,
+        )
+        return load_model(cfg, _task_name(inputs))
+    return inputs.task.model_class().from_pretrained(
+        inputs.base_dir, dtype=dtype, trust_remote_code=inputs.trust_remote_code
+    )
+
+
+def judge(
+    inputs: MergeInputs,
+    merged_dir: Path,
+    dtype: torch.dtype,
+    check: str,
+    merge_plan: MergePlan | str,
+    weight_map: dict[str, str] | None,
+    base_weight: Callable[[str, torch.Tensor], torch.Tensor],
+    round_trip: bool,
+) -> Verdict:
+    quant = inputs.quantization
+    if check == "light" and isinstance(merge_plan, MergePlan) and weight_map is not None:
+        from peft import PeftConfig
+
+        return light_verdict(
+            merge_plan,
+            PeftConfig.from_pretrained(str(inputs.adapter_dir)),
+            MergedFiles(inputs.base_dir),
+            MergedFiles(merged_dir),
+            base_weight,
+            dtype,
+            logit_tolerance(dtype, quantized=False),
+            frozenset(quantized_weight_names(meta_model(inputs))) if round_trip else frozenset(),
+        ).check()
+    from peft import PeftModel
+
+    vocab_size = int(read_base_config(inputs.base_dir).get("vocab_size") or 2)
+    # The reference is what was trained: the 4-bit base for a round-trip QLoRA merge, else the fp32 base.
+    reference_quantized = round_trip and quant is not None
+    tolerance = logit_tolerance(dtype, quantized=False)
+    label = "base + adapter through peft (fp32)"
+    if reference_quantized and quant is not None:
+        tolerance = max(tolerance, logit_tolerance(DTYPES[quant.compute_dtype], quantized=True))
+        label = f"the trained model: {quant.bits}-bit {quant.quant_type} base + adapter through peft"
+
+    def reference() -> Any:
+        return PeftModel.from_pretrained(
+            load_base(inputs, torch.float32, quantized=reference_quantized), inputs.adapter_dir
+        )
+
+    def merged() -> Any:
+        return inputs.task.model_class().from_pretrained(
+            merged_dir, dtype=dtype, trust_remote_code=inputs.trust_remote_code
+        )
+
+    verdict = compare_logits(reference, merged, vocab_size, tolerance, label)
+    if quant is not None and not reference_quantized:
+        trained = compare_logits(
+            lambda: PeftModel.from_pretrained(
+                load_base(inputs, torch.float32, quantized=True), inputs.adapter_dir
+            ),
+            merged,
+            vocab_size,
+            float("inf"),
+            "",
+        )
+        verdict.notes.append(
+            f"merged into the original (unquantized) weights: vs the trained {quant.bits}-bit model the logits differ "
+            f"by max rel {trained.max_rel:.2e} (the quantization error; --qlora-base dequantized removes it)"
+        )
+    if check == "light":
+        verdict.notes.append("light check needs a streamed LoRA merge; ran the full logits verdict instead")
+    return verdict.check()
+
+
+def publish(tmp: Path, out_dir: Path) -> None:
+    """Replace out_dir by the finished tmp directory; a previous output survives until the new one is whole."""
+    old = out_dir.parent / f".old-{out_dir.name}-{os.getpid()}"
+    if out_dir.exists():
+        out_dir.replace(old)
+    tmp.replace(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _task_name(inputs: MergeInputs) -> str:
+    from peftrun.tasks import TASKS
+
+    return next(name for name, task in TASKS.items() if task is inputs.task)
+
+
+def _unchanged(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def _name(dtype: torch.dtype) -> str:
+    return next(name for name, value in DTYPES.items() if value == dtype)

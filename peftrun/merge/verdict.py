@@ -1,0 +1,221 @@
+"""Does the merged checkpoint behave like base + adapter? Measured, never assumed.
+
+Full: base + adapter through peft and the merged checkpoint (loaded like a user would, one model in memory
+at a time) on a fixed batch; the max absolute and relative logit differences against a tolerance for the
+output dtype. Light (for models too big to load): a sample of merged layers against peft's own LoRA layer
+forward on the base weight, every replaced weight, a sample of untouched tensors and the tensor names.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from peftrun.merge.lora import LoraUpdate, MergePlan
+from peftrun.merge.stream import SAFE_INDEX, SAFE_SINGLE
+from peftrun.verify import logits_on
+
+LIGHT_SAMPLE = 8  # merged layers (and untouched tensors) checked by the light verdict
+LIGHT_ROWS = 256  # rows of each sampled untouched tensor compared
+
+
+class MergeVerificationError(RuntimeError):
+    """The merged checkpoint does not reproduce base + adapter."""
+
+
+@dataclass
+class Verdict:
+    kind: str  # 'logits' or 'per-layer sample'
+    max_abs: float
+    max_rel: float
+    tolerance: float  # on max_rel
+    reference: str  # what the merged model was compared with
+    notes: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        return (
+            f"verdict ({self.kind}, vs {self.reference}): max |diff| {self.max_abs:.2e}, max rel diff "
+            f"{self.max_rel:.2e} (tolerance {self.tolerance:.0e}): OK"
+        )
+
+    def check(self) -> Verdict:
+        if not self.max_rel <= self.tolerance:
+            raise MergeVerificationError(
+                f"the merged model differs from {self.reference}: max |diff| {self.max_abs:.3e}, max rel diff "
+                f"{self.max_rel:.3e} > tolerance {self.tolerance:.0e} ({self.kind})"
+            )
+        return self
+
+
+def probe_batch(vocab_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Two rows of random tokens, the second one left-padded: padding masks are part of what is compared."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (2, 16), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def compare_logits(
+    reference: Callable[[], Any], merged: Callable[[], Any], vocab_size: int, tolerance: float, label: str
+) -> Verdict:
+    """Run each model (built by its loader, one at a time) on the probe batch and compare the logits."""
+    batch = probe_batch(vocab_size)
+    expected = _logits_then_free(reference(), batch)
+    got = _logits_then_free(merged(), batch)
+    if got.shape != expected.shape:
+        raise MergeVerificationError(
+            f"the merged model gives logits of shape {tuple(got.shape)}, {label} {tuple(expected.shape)}"
+        )
+    # Positions masked out in the input are compared too: the models must agree on them as well.
+    max_abs = float((got - expected).abs().max())
+    return Verdict("logits", max_abs, max_abs / max(1.0, float(expected.abs().max())), tolerance, label)
+
+
+def _logits_then_free(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    logits = logits_on(model, batch)
+    del model
+    gc.collect()
+    return logits
+
+
+class MergedFiles:
+    """Read tensors back from a written checkpoint, one at a time."""
+
+    def __init__(self, directory: Path) -> None:
+        index = directory / SAFE_INDEX
+        self.directory = directory
+        self.weight_map: dict[str, str] = (
+            json.loads(index.read_text())["weight_map"] if index.is_file() else {}
+        )
+        if not self.weight_map:
+            with safe_open(directory / SAFE_SINGLE, framework="pt") as handle:
+                self.weight_map = dict.fromkeys(handle.keys(), SAFE_SINGLE)
+
+    def get(self, name: str) -> torch.Tensor:
+        with safe_open(self.directory / self.weight_map[name], framework="pt") as handle:
+            return handle.get_tensor(name)
+
+    def head(self, name: str, rows: int = LIGHT_ROWS) -> torch.Tensor:
+        """The first rows of a tensor (an embedding's full matrix is not needed to spot a wrong copy)."""
+        with safe_open(self.directory / self.weight_map[name], framework="pt") as handle:
+            view = handle.get_slice(name)
+            return view[:rows] if view.get_shape() else handle.get_tensor(name)
+
+
+def light_verdict(
+    merge_plan: MergePlan,
+    adapter_config: Any,
+    base: MergedFiles,
+    merged: MergedFiles,
+    base_weight: Callable[[str, torch.Tensor], torch.Tensor],
+    dtype: torch.dtype,
+    tolerance: float,
+    transformed: frozenset[str] = frozenset(),
+) -> Verdict:
+    """Per-layer checks that hold one weight at a time. `transformed`: names `base_weight` changes (NF4
+    round trip), compared whole since a quantization block's constants depend on the whole tensor."""
+    missing = sorted(set(base.weight_map) - set(merged.weight_map))
+    if missing:
+        raise MergeVerificationError(
+            f"the merged checkpoint lacks {len(missing)} base tensor(s), e.g. {missing[0]}"
+        )
+    worst_abs = worst_rel = 0.0
+    for name in _spread(sorted(merge_plan.updates), LIGHT_SAMPLE):
+        update = merge_plan.updates[name]
+        expected, got = _layer_outputs(
+            update,
+            adapter_config,
+            base_weight(name, merge_plan.base_of(name, base.get(name))),
+            merged.get(name),
+        )
+        diff = float((got - expected).abs().max())
+        worst_abs = max(worst_abs, diff)
+        worst_rel = max(worst_rel, diff / max(1.0, float(expected.abs().max())))
+    for name, tensor in merge_plan.replacements.items():
+        if name not in merge_plan.updates and not torch.equal(merged.get(name), tensor.to(dtype)):
+            raise MergeVerificationError(
+                f"merged tensor '{name}' is not the adapter's saved module (modules_to_save)"
+            )
+    untouched = sorted(set(base.weight_map) - merge_plan.touched())
+    for name in _spread(untouched, LIGHT_SAMPLE):
+        expected_tensor = base_weight(name, base.get(name) if name in transformed else base.head(name))
+        if expected_tensor.is_floating_point():
+            expected_tensor = expected_tensor.to(dtype)
+        got = merged.get(name) if name in transformed else merged.head(name)
+        if not torch.equal(got, expected_tensor):
+            raise MergeVerificationError(f"merged tensor '{name}' should be the base's, cast to {dtype}")
+    checked = min(LIGHT_SAMPLE, len(merge_plan.updates))
+    return Verdict(
+        "per-layer sample",
+        worst_abs,
+        worst_rel,
+        tolerance,
+        f"peft's LoRA layers on the base weights ({checked} of {len(merge_plan.updates)} merged layers)",
+    )
+
+
+def _spread(names: list[str], count: int) -> list[str]:
+    """`count` names spread evenly over the list (first and last included)."""
+    if len(names) <= count:
+        return names
+    step = (len(names) - 1) / (count - 1)
+    return [names[round(i * step)] for i in range(count)]
+
+
+@torch.no_grad()
+def _layer_outputs(
+    update: LoraUpdate, adapter_config: Any, base_weight: torch.Tensor, merged_weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(peft's LoRA layer on the base weight, the plain layer with the merged weight) on random inputs."""
+    import copy
+
+    from peft.tuners import lora
+    from peft.utils.other import get_pattern_key
+    from transformers.pytorch_utils import Conv1D
+
+    rank = update.A.shape[0]
+    alpha = adapter_config.alpha_pattern.get(
+        get_pattern_key(list(adapter_config.alpha_pattern), update.module), adapter_config.lora_alpha
+    )
+    config = copy.copy(adapter_config)
+    config.fan_in_fan_out = update.fan_in_fan_out
+    generator = torch.Generator().manual_seed(0)
+    plain: torch.nn.Module
+    if update.kind == "embedding":
+        plain = torch.nn.Embedding(*base_weight.shape)
+        inputs = torch.randint(0, base_weight.shape[0], (4, 8), generator=generator)
+        layer_cls: Any = lora.Embedding
+    else:
+        out_features, in_features = base_weight.shape[:: -1 if update.fan_in_fan_out else 1]
+        plain = (
+            Conv1D(out_features, in_features)
+            if update.fan_in_fan_out
+            else torch.nn.Linear(in_features, out_features, bias=False)
+        )
+        if update.fan_in_fan_out:
+            plain.bias.zero_()
+        inputs = torch.randn(4, in_features, generator=generator)
+        layer_cls = lora.Linear
+    plain.weight.data = base_weight.float()
+    peft_layer = layer_cls(copy.deepcopy(plain), "default", config=config, r=rank, lora_alpha=alpha)
+    ab = (peft_layer.lora_embedding_A, peft_layer.lora_embedding_B) if update.kind == "embedding" else None
+    if ab is not None:
+        ab[0]["default"].data = update.A.float()
+        ab[1]["default"].data = update.B.float()
+    else:
+        peft_layer.lora_A["default"].weight.data = update.A.float()
+        peft_layer.lora_B["default"].weight.data = update.B.float()
+    if update.magnitude is not None:
+        peft_layer.lora_magnitude_vector["default"].weight.data = update.magnitude.float()
+    peft_layer.eval()
+    expected = peft_layer(inputs)
+    plain.weight.data = merged_weight.float()
+    return expected, plain(inputs)
