@@ -69,6 +69,49 @@ def causal_lm_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     return per_token.view(shift_labels.shape).sum(dim=1)
 
 
+def causal_lm_supervised_loss(model: Any, batch: Batch) -> torch.Tensor:
+    """causal_lm_loss with the LM head run only where a label is supervised.
+
+    The head is the largest matmul of a small model (hidden x vocabulary per position) and its
+    float32 logits the largest activation of any model; prompts and padding need neither. A forward
+    pre-hook on the output embeddings hands them only the supervised positions' hidden states, so
+    the model returns logits of shape [supervised tokens, vocabulary]. The call still goes through
+    the model's (and DDP's or DeepSpeed's) own forward, so gradient sync and ZeRO hooks are untouched.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    head = _output_embeddings(model)
+    if head is None:
+        return causal_lm_loss(forward_logits(model, batch), batch)
+    labels = batch["labels"]
+    supervised = labels[:, 1:] != IGNORE_INDEX  # position t predicts the label at t + 1
+    positions = F.pad(supervised, (0, 1), value=False)
+
+    def keep_supervised(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        hidden = args[0]
+        # Prompt tuning prepends virtual tokens: they come before the real positions.
+        mask = F.pad(positions, (hidden.shape[1] - positions.shape[1], 0), value=False)
+        return (hidden[mask], *args[1:])
+
+    handle = head.register_forward_pre_hook(keep_supervised)
+    try:
+        logits = forward_logits(model, batch)
+    finally:
+        handle.remove()
+    per_token = F.cross_entropy(logits.float(), labels[:, 1:][supervised], reduction="none")
+    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(supervised)[supervised]
+    return per_token.new_zeros(labels.shape[0]).index_add(0, rows, per_token)
+
+
+def _output_embeddings(model: Any) -> Any:
+    """The LM head under any wrappers (DDP and DeepSpeed keep the model in `.module`, peft forwards)."""
+    while hasattr(model, "module"):
+        model = model.module
+    getter = getattr(model, "get_output_embeddings", None)
+    return getter() if getter is not None else None
+
+
 def masked_lm_targets(batch: Batch) -> torch.Tensor:
     """Masked tokens per sample (the only positions with a label)."""
     return (batch["labels"] != IGNORE_INDEX).sum(dim=1)
@@ -196,6 +239,8 @@ class Task:
     collator: Callable[[Any, DataConfig, bool, int], Callable[..., Batch]]  # (processor, cfg, train, seed)
     classifier: bool = False  # labels named by the data, a new head, classification metrics
     head_modules: tuple[str, ...] = ()  # the new head: trained and saved beside an adapter
+    # (model, batch) -> what `loss` gives on the model's logits, computed more cheaply (training only)
+    fast_loss: Callable[[Any, Batch], torch.Tensor] | None = None
 
     def model_class(self) -> Any:
         import transformers
@@ -203,6 +248,8 @@ class Task:
         return getattr(transformers, self.auto_class)
 
     def loss_per_sample(self, model: Any, batch: Batch) -> torch.Tensor:
+        if self.fast_loss is not None:
+            return self.fast_loss(model, batch)
         return self.loss(forward_logits(model, batch), batch)
 
 
@@ -222,6 +269,7 @@ TASKS: dict[str, Task] = {
             tokens_in,
             causal_lm_data,
             causal_lm_collator,
+            fast_loss=causal_lm_supervised_loss,
         ),
         Task(
             "masked_lm",

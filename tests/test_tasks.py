@@ -415,3 +415,57 @@ def test_verification_catches_an_adapter_whose_head_was_not_trained(bert_recipe:
     assert check_reload(reload_artefact(result.final_dir, recipe), intact, batch, 1e-4) == 0.0
     with pytest.raises(VerificationError, match="logits differ"):
         check_reload(reload_artefact(broken, recipe), intact, batch, 1e-4)
+
+
+@pytest.mark.parametrize(
+    "adapter",
+    [
+        {"peft_type": "LORA", "r": 4, "target_modules": "all-linear", "modules_to_save": ["lm_head"]},
+        {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 3},
+    ],
+    ids=["lora+head", "prompt_tuning"],
+)
+def test_causal_lm_head_on_supervised_positions_only_gives_the_same_loss_and_gradients(
+    tiny_llama: Path, adapter: dict[str, Any]
+) -> None:
+    """The training loss runs the LM head only where labels are supervised (tasks.py); it must equal
+    the loss on the full logits, per sample, with the same gradients, padding and prompts included."""
+    from peft import get_peft_config, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from peftrun.data import collate
+    from peftrun.tasks import TASKS, causal_lm_loss, forward_logits
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    base.config.use_cache = False
+    config = {"task_type": "CAUSAL_LM", **adapter}
+    if adapter["peft_type"] == "LORA":
+        config["init_lora_weights"] = False  # B != 0: the adapter changes the logits
+    model = get_peft_model(base, get_peft_config(config))
+    gen = torch.Generator().manual_seed(0)
+    samples = []
+    for length, prompt in ((9, 4), (15, 6), (5, 5), (12, 0)):  # one with nothing supervised
+        ids = torch.randint(3, 250, (length,), generator=gen).tolist()
+        samples.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    batch = collate(samples, pad_id=0)
+
+    def loss_and_grads(compute: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        per_sample = compute()
+        per_sample.sum().backward()
+        return per_sample.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    full, full_grads = loss_and_grads(lambda: causal_lm_loss(forward_logits(model, batch), batch))
+    head_outputs: list[tuple[int, ...]] = []
+    spy = model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: head_outputs.append(tuple(out.shape))
+    )
+    fast, fast_grads = loss_and_grads(lambda: TASKS["causal_lm"].loss_per_sample(model, batch))
+    spy.remove()
+    supervised = int((batch["labels"][:, 1:] != -100).sum())
+    assert head_outputs == [(supervised, base.config.vocab_size)]  # not batch x length x vocabulary
+    assert full[2] == 0 and bool((full[[0, 1, 3]] > 0).all())
+    torch.testing.assert_close(fast, full, rtol=1e-6, atol=1e-6)
+    assert len(fast_grads) == len(full_grads) > 0
+    for got, expected in zip(fast_grads, full_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
