@@ -103,8 +103,10 @@ SelectTypeParameters=CR_Core
 ReturnToService=2
 # 22.05 rejects < 2; 4 keeps `sbatch --wait` polling every 2 s.
 MinJobAge=4
-# Else a requeued job waits ~121 s before it may start again.
-AuthInfo=cred_expire=10
+# A requeued job may start again cred_expire + 1 s after its requeue (default 121 s); when nothing else
+# happens by then, only the periodic scheduling pass starts it (default every 60 s).
+AuthInfo=cred_expire=5
+SchedulerParameters=sched_interval=1
 KillWait=10
 SlurmctldPidFile={root}/run/slurmctld.pid
 SlurmdPidFile={root}/run/slurmd-%n.pid
