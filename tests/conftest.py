@@ -147,3 +147,16 @@ def write_recipe(tmp_path: Path, tiny_llama: Path, alpaca_file: Path) -> Any:
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A real 2-node Slurm cluster on this machine (tests/slurm_cluster.py), installed if missing."""
+    from tests.slurm_cluster import LocalSlurm, SlurmUnavailable
+
+    try:
+        cluster = LocalSlurm.start(tmp_path_factory.mktemp("slurm"))
+    except SlurmUnavailable as exc:
+        pytest.skip(f"no local Slurm cluster: {exc}")
+    yield cluster
+    cluster.stop()

@@ -305,7 +305,7 @@ class SlurmConfig(Section):
         for i, option in enumerate(self.sbatch):
             if "$" in option or not option.strip().removeprefix("#SBATCH").strip():
                 raise OptionError(
-                    f"sbatch[{i}]", f"'{option}': an option without $VARIABLES (sbatch does not expand them)"
+                    f"sbatch.{i}", f"'{option}': an option without $VARIABLES (sbatch does not expand them)"
                 )
         for name in self.env:
             if not name.isidentifier():
