@@ -129,8 +129,9 @@ def render_script(job: SlurmJob) -> str:
         ]
     exports = ({"ACCELERATE_USE_CPU": "true"} if job.on_cpu else {}) | s.env
     if exports:
-        why = "CPU mode: accelerate runs its processes on CPUs (gloo)" if job.on_cpu else "slurm.env"
-        lines += ["", f"# Training environment ({why}{'; slurm.env' if job.on_cpu and s.env else ''})."]
+        sources = [*(["CPU mode: accelerate runs the processes on CPUs, over gloo"] if job.on_cpu else [])]
+        sources += ["slurm.env"] if s.env else []
+        lines += ["", f"# Training environment ({'; '.join(sources)})."]
         lines += [f'export {name}="{_double_quoted(value)}"' for name, value in exports.items()]
     port = str(s.port) if s.port else "$((20000 + SLURM_JOB_ID % 10000))"
     lines += [
