@@ -4,7 +4,8 @@ Slurm 22.05 and munge come from Debian's packages (installed with apt-get when m
 root, as in CI). Everything else lives in a temp dir: slurm.conf (found through SLURM_CONF, which
 jobs inherit, so `srun` inside a job finds it too), spool, state, logs and PID files. Ports are
 picked free so several test sessions on one machine do not meet. Only daemons this harness started
-are stopped, each by the PID in its own PID file; munged is stopped only when it was started here.
+are stopped, each by the PID in its own PID file. munged is a private one too (its own socket under
+/run, named in slurm.conf's AuthInfo), so no other session's cluster depends on it.
 See ../shared/notes/slurm-local.md for what was measured and why each slurm.conf line is there.
 """
 
@@ -15,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +25,7 @@ from pathlib import Path
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 PROGRAMS = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "sinfo", "scancel", "munged")
 NODES = ("node1", "node2")
-MUNGE_PID = Path("/run/munge/munged.pid")
+MUNGE_KEY = Path("/etc/munge/munge.key")  # created by Debian's munge package
 
 
 class SlurmUnavailable(Exception):
@@ -76,7 +78,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _slurm_conf(root: Path, host: str) -> str:
+def _slurm_conf(root: Path, host: str, munge_socket: Path) -> str:
     ctld_port = _free_port()
     node_ports = [_free_port() for _ in NODES]
     nodes = "\n".join(
@@ -105,7 +107,7 @@ ReturnToService=2
 MinJobAge=4
 # A requeued job may start again cred_expire + 1 s after its requeue (default 121 s); when nothing else
 # happens by then, only the periodic scheduling pass starts it (default every 60 s).
-AuthInfo=cred_expire=5
+AuthInfo=socket={munge_socket},cred_expire=5
 SchedulerParameters=sched_interval=1
 KillWait=10
 SlurmctldPidFile={root}/run/slurmctld.pid
@@ -126,6 +128,7 @@ class LocalSlurm:
     root: Path
     env: dict[str, str]
     pid_files: dict[str, Path] = field(default_factory=dict)  # daemon name -> PID file (started here)
+    munge_dir: Path | None = None
 
     @classmethod
     def start(cls, root: Path, timeout: float = 60) -> LocalSlurm:
@@ -134,10 +137,9 @@ class LocalSlurm:
         for sub in ("run", "log", "state", *(f"spool/{n}" for n in NODES)):
             (root / sub).mkdir(parents=True, exist_ok=True)
         conf = root / "slurm.conf"
-        conf.write_text(_slurm_conf(root, host))
         cluster = cls(root, {**os.environ, "SLURM_CONF": str(conf)})
         try:
-            cluster._start_munge()
+            conf.write_text(_slurm_conf(root, host, cluster._start_munge()))
             cluster._daemon("slurmctld", root / "run" / "slurmctld.pid", ["-f", str(conf)])
             for node in NODES:
                 cluster._daemon("slurmd", root / "run" / f"slurmd-{node}.pid", ["-f", str(conf), "-N", node])
@@ -170,22 +172,25 @@ class LocalSlurm:
 
     # ---- daemons -------------------------------------------------------------------------------------
 
-    def _start_munge(self) -> None:
-        if _run(["bash", "-c", "munge -n | unmunge"], timeout=10).returncode == 0:
-            return  # a munged is running already (the system's or another session's): use it
-        if not Path("/etc/munge/munge.key").is_file():
-            raise SlurmUnavailable("munge is installed but /etc/munge/munge.key is missing")
-        subprocess.run(
-            ["install", "-d", "-o", "munge", "-g", "munge", "-m", "0755", "/run/munge"], check=True
-        )
-        # As root munged refuses to start ("Logfile is insecure"): run it as its own user.
-        done = _run(["runuser", "-u", "munge", "--", _which("munged") or "munged"], timeout=30)
+    def _start_munge(self) -> Path:
+        """Start a private munged; its socket. It runs as the munge user (as root it refuses: "Logfile
+        is insecure"), which cannot enter the root-only pytest temp dirs: its files live under /run."""
+        if not MUNGE_KEY.is_file():
+            raise SlurmUnavailable(f"munge is installed but {MUNGE_KEY} is missing")
+        self.munge_dir = Path(tempfile.mkdtemp(prefix="peftrun-munge.", dir="/run"))
+        self.munge_dir.chmod(0o755)
+        shutil.chown(self.munge_dir, "munge", "munge")
+        sock = self.munge_dir / "munge.socket"
+        files = {name: self.munge_dir / f"munged.{name}" for name in ("log", "pid", "seed")}
+        args = [f"--socket={sock}", f"--key-file={MUNGE_KEY}"]
+        args += [f"--{name}-file={path}" for name, path in files.items()]
+        done = _run(["runuser", "-u", "munge", "--", _which("munged") or "munged", *args], timeout=30)
         if done.returncode != 0:
             raise SlurmUnavailable(f"munged did not start: {done.stderr.strip()[-300:]}")
-        self.pid_files["munged"] = MUNGE_PID
-        self._wait_for(
-            lambda: _run(["bash", "-c", "munge -n | unmunge"], timeout=10).returncode == 0, 10, "munged"
-        )
+        self.pid_files["munged"] = files["pid"]
+        check = f"munge -n -S {sock} | unmunge -S {sock}"
+        self._wait_for(lambda: _run(["bash", "-c", check], timeout=10).returncode == 0, 10, "munged")
+        return sock
 
     def _daemon(self, name: str, pid_file: Path, args: list[str]) -> None:
         done = _run([_which(name) or name, *args], timeout=30, env=self.env)
@@ -227,6 +232,9 @@ class LocalSlurm:
         deadline = time.monotonic() + timeout
         while any(Path(f"/proc/{pid}").exists() for pid in stopping if pid) and time.monotonic() < deadline:
             time.sleep(0.1)
+        if self.munge_dir is not None:
+            shutil.rmtree(self.munge_dir, ignore_errors=True)
+            self.munge_dir = None
 
 
 def _terminate(program: str, pid_file: Path) -> int | None:
