@@ -21,6 +21,7 @@ of the resolved recipe (a requeued job must not pick up later edits) in `output_
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -68,7 +69,7 @@ class SlurmJob:
 
     @property
     def name(self) -> str:
-        return self.settings.job_name or self.output_dir.resolve().name
+        return self.settings.job_name or re.sub(r"[^\w.-]", "_", self.output_dir.resolve().name)
 
 
 def plan_job(recipe: Recipe, workdir: Path) -> SlurmJob:
@@ -87,6 +88,11 @@ def plan_job(recipe: Recipe, workdir: Path) -> SlurmJob:
             ) from None
         deepspeed = isinstance(config, dict) and config.get("distributed_type") == "DEEPSPEED"
     job = SlurmJob(settings, recipe.output_dir, workdir.resolve(), deepspeed)
+    for what, path in (("output_dir", job.output_dir), ("the working directory", job.workdir)):
+        if re.search(r"[\s$%'\"]", str(path)):
+            raise UserError(
+                f"{what}: '{path}' goes on an #SBATCH line, which cannot hold spaces, quotes, $ or %"
+            )
     grad_accum_steps(recipe, job.total_processes)  # global_batch_size must split over every process
     return job
 
@@ -161,8 +167,8 @@ def render_script(job: SlurmJob) -> str:
     ]
     script = "\n".join(lines) + "\n"
     for line in script.splitlines():
-        if line.startswith("#SBATCH") and "$" in line:  # the schema refuses these; never write one
-            raise UserError(f"internal: an #SBATCH line would hold a variable: {line}")
+        if line.startswith("#SBATCH") and "$" in line:  # refused above and by the schema: never written
+            raise RuntimeError(f"an #SBATCH line would hold a variable: {line}")
     return script
 
 

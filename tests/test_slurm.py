@@ -114,6 +114,10 @@ def test_plan_reads_the_accelerate_config_and_checks_the_global_batch() -> None:
     assert not plan_job(_recipe(accelerate_config="accelerate_configs/ddp.yaml"), REPO).deepspeed
     with pytest.raises(UserError, match=r"slurm\.accelerate_config: 'nope\.yaml': no such file"):
         plan_job(_recipe(accelerate_config="nope.yaml"), REPO)
+    spaced = _recipe()
+    spaced.output_dir = Path("runs/my run")
+    with pytest.raises(UserError, match=r"output_dir: 'runs/my run' goes on an #SBATCH line"):
+        plan_job(spaced, REPO)
     # 4 nodes x 8 GPUs x micro 2 = 64 samples per step at least: a global batch of 32 cannot split.
     recipe = _recipe(nodes=4, gpus_per_node=8)
     recipe.train.global_batch_size = 32
