@@ -52,8 +52,14 @@ def complete_checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
 
 
-def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
-    """The checkpoint to resume from: 'auto' = newest complete one (or none), else an explicit path."""
+def resolve_resume(output_dir: Path, resume: str | None, requeued: bool = False) -> Path | None:
+    """The checkpoint to resume from: 'auto' = newest complete one (or none), else an explicit path.
+
+    A requeued Slurm job continues from its own newest checkpoint, whatever `resume` says: that
+    was where its first run started.
+    """
+    if requeued and complete_checkpoints(output_dir):
+        resume = "auto"
     if resume is None:
         return None
     if resume == "auto":

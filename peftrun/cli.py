@@ -3,14 +3,31 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from peftrun.errors import UserError, did_you_mean
 from peftrun.recipe.docs import keys_text
 
-SUBCOMMANDS = ("train", "validate", "demo", "keys", "eval", "predict", "merge", "export")
+if TYPE_CHECKING:
+    from peftrun.recipe.schema import Recipe
+
+SUBCOMMANDS = ("train", "validate", "slurm", "demo", "keys", "eval", "predict", "merge", "export")
+# `peftrun slurm` flags: shorthands for slurm.* recipe keys (same validation, same messages).
+SLURM_FLAGS = {
+    "--nodes": ("nodes", int),
+    "--gpus-per-node": ("gpus_per_node", int),
+    "--cpus-per-task": ("cpus_per_task", int),
+    "--partition": ("partition", str),
+    "--account": ("account", str),
+    "--time": ("time", str),
+    "--job-name": ("job_name", str),
+    "--accelerate-config": ("accelerate_config", str),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="peftrun",
         description="Fine-tune Hugging Face models from a YAML recipe (LoRA/QLoRA/DoRA/other peft adapters, "
         "full or frozen fine-tuning), on one CPU or many GPUs through accelerate.",
-        epilog="Multi-process: accelerate launch [--config_file accelerate_configs/X.yaml] -m peftrun RECIPE",
+        epilog="Multi-process: accelerate launch [--config_file accelerate_configs/X.yaml] -m peftrun RECIPE\n"
+        "Slurm: peftrun slurm RECIPE --nodes N --gpus-per-node G [--dry-run]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
     formatter = argparse.RawDescriptionHelpFormatter
@@ -36,6 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument(
             "overrides", nargs="*", metavar="key=value", help="override recipe keys, e.g. train.lr=1e-4"
         )
+    summary = (
+        "write an sbatch script for a multi-node, preemption-safe run into output_dir/slurm and submit it"
+    )
+    slurm = sub.add_parser(
+        "slurm", help=summary, description=summary, epilog=keys_text("slurm."), formatter_class=formatter
+    )
+    slurm.add_argument("recipe", help="path to a recipe YAML")
+    slurm.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="override recipe keys, e.g. slurm.nodes=2"
+    )
+    for flag, (key, kind) in SLURM_FLAGS.items():
+        slurm.add_argument(flag, dest=key, type=kind, help=f"slurm.{key}")
+    slurm.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")
     demo = sub.add_parser(
         "demo", help="train the built-in tiny demo (no downloads) and show before/after generations"
     )
@@ -90,7 +122,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # `python -m peftrun recipe.yaml` (and so `accelerate launch -m peftrun recipe.yaml`) means train.
     if args_list and args_list[0] not in SUBCOMMANDS and not args_list[0].startswith("-"):
         args_list.insert(0, "train")
-    args = build_parser().parse_args(args_list)
+    parser = build_parser()
+    # Overrides may also follow options (`peftrun slurm r.yaml --nodes 2 train.lr=1e-4`), which
+    # argparse alone leaves unparsed.
+    args, extra = parser.parse_known_args(args_list)
+    if extra and (not hasattr(args, "overrides") or any(a.startswith("-") or "=" not in a for a in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides += extra
     try:
         return _dispatch(args)
     except UserError as exc:
@@ -101,6 +140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "train":  # before the heavy imports; see signals.catch_scheduler_signals
+        from peftrun.signals import catch_scheduler_signals
+
+        catch_scheduler_signals()
     if args.command == "keys":
         from peftrun.recipe.docs import adapter_options_text, reference_markdown
 
@@ -137,7 +180,13 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     _quiet_library_progress_bars()
 
+    if args.command == "slurm":
+        # Strings as JSON (which is YAML): an unquoted 24:00:00 would be read as a number.
+        flags = {key: getattr(args, key) for key, _ in SLURM_FLAGS.values() if getattr(args, key) is not None}
+        args.overrides += [f"slurm.{key}={json.dumps(value)}" for key, value in flags.items()]
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.command == "slurm":
+        return _slurm(recipe, args.dry_run)
     if args.command == "validate":
         from peftrun.preflight import preflight
 
@@ -165,6 +214,23 @@ def _run_inference(args: argparse.Namespace) -> int:
     else:
         count = predict_run(args.run_dir, args.data, args.out)
         print(f"[peftrun] wrote {count} predictions to {args.out}")
+    return 0
+
+
+def _slurm(recipe: Recipe, dry_run: bool) -> int:
+    from peftrun.slurm import plan_job, render_script, submit, write_job
+
+    job = plan_job(recipe, Path.cwd())
+    if dry_run:
+        print(render_script(job), end="")
+        return 0
+    from peftrun.preflight import preflight
+
+    preflight(recipe)  # a typo in the recipe must not cost a wait in the queue
+    script = write_job(job, recipe)
+    job_id = submit(script)
+    print(f"submitted job {job_id}: {script}")
+    print(f"log: {job.job_dir / f'{job.name}-{job_id}.out'}")
     return 0
 
 

@@ -48,7 +48,7 @@ from peftrun.outputs import (
 from peftrun.preflight import preflight
 from peftrun.recipe.load import recipe_to_yaml
 from peftrun.recipe.schema import Recipe, TrainConfig
-from peftrun.signals import StopRequest
+from peftrun.signals import SCHEDULER_SIGNALS, StopRequest, requeue_slurm_job, slurm_restarts
 from peftrun.tasks import TASKS, Task, forward_logits
 from peftrun.verify import VerificationError, check_reload, check_tensors, logit_tolerance
 
@@ -69,6 +69,10 @@ def train(recipe: Recipe) -> RunResult:
     # ---- setup, in dependency order -------------------------------------------------------------
     # Every user mistake surfaces here, before any weights or data are loaded.
     checks = preflight(recipe)
+    # A scheduler's signals are caught from here on: a time-limit warning that arrives while the model
+    # loads is honoured at the first step boundary (under `peftrun slurm` the launcher ignores USR1, so
+    # uncaught it would be lost). Ctrl-C still aborts setup at once; it is caught from the loop on.
+    stop = StopRequest().install(SCHEDULER_SIGNALS)
     accelerator = make_accelerator(recipe, log_with=list(recipe.logging.report_to))
     say = accelerator.print
     from accelerate.utils import set_seed
@@ -76,7 +80,7 @@ def train(recipe: Recipe) -> RunResult:
     set_seed(recipe.train.seed)
     out = recipe.output_dir
     task = TASKS[recipe.task]
-    resume_from = resolve_resume(out, recipe.train.resume)
+    resume_from = resolve_resume(out, recipe.train.resume, requeued=slurm_restarts() > 0)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / RESOLVED_RECIPE).write_text(recipe_to_yaml(recipe))
@@ -179,7 +183,8 @@ def train(recipe: Recipe) -> RunResult:
     )
 
     # ---- the loop ------------------------------------------------------------------------------------
-    stop = StopRequest().install()
+    stop.install()
+    stopping = requeue = False  # decided by all processes together, at a step boundary
     losses: list[float] = []
     eval_loss: float | None = None
     label_names = recipe.data.labels
@@ -189,7 +194,7 @@ def train(recipe: Recipe) -> RunResult:
     window_start = time.perf_counter()
     tokens_in_window = 0
     model.train()
-    while state.step < total_steps and not stop.requested:
+    while state.step < total_steps and not stopping:
         # Through the loader: accelerate's loader re-sets the sampler's epoch from its own counter on
         # every iter (a resumed run's counter starts at 0), and skip_first_batches copies that counter.
         train_loader.set_epoch(state.epoch)
@@ -240,9 +245,8 @@ def train(recipe: Recipe) -> RunResult:
             if recipe.checkpoint.every_steps and state.step % recipe.checkpoint.every_steps == 0:
                 save_checkpoint(accelerator, out, state, recipe.checkpoint.keep_last)
             # Every process must stop at the same step, or the next collective hangs.
-            if _any_process(accelerator, stop.requested):
-                stop.signal_name = stop.signal_name or "a signal on another process"
-            if state.step >= total_steps or stop.requested:
+            stopping, requeue = _agree_to_stop(accelerator, stop)
+            if state.step >= total_steps or stopping:
                 break
         else:  # the epoch ran out
             state.epoch += 1
@@ -250,10 +254,15 @@ def train(recipe: Recipe) -> RunResult:
     progress.close()
 
     # ---- save --------------------------------------------------------------------------------------------
-    if stop.requested:
+    # `stopping`, not `stop.requested`: a signal that lands after the last agreement reached only some
+    # processes. A stop at the last step just finishes.
+    if stopping and state.step < total_steps:
         path = save_checkpoint(accelerator, out, state, recipe.checkpoint.keep_last)
         say(f"[peftrun] stopped by {stop.signal_name} at step {state.step}; checkpoint {path}")
-        say(f"[peftrun] continue with: peftrun train <recipe> train.resume=auto (output_dir {out})")
+        if not requeue:
+            say(f"[peftrun] continue with: peftrun train <recipe> train.resume=auto (output_dir {out})")
+        elif accelerator.is_main_process:  # once per job, after every process has written its part
+            say(f"[peftrun] {requeue_slurm_job()}")
         accelerator.end_training()
         return RunResult(out, None, state.step, losses, eval_loss, stopped_by=stop.signal_name)
     evaluated_last_step = bool(recipe.eval.every_steps) and state.step % (recipe.eval.every_steps or 1) == 0
@@ -504,10 +513,15 @@ def _base_config(model: Any) -> Any:
     return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
 
 
-def _any_process(accelerator: Any, flag: bool) -> bool:
-    if accelerator.num_processes == 1:
-        return flag
-    return bool(accelerator.reduce(torch.tensor(int(flag), device=accelerator.device), reduction="sum") > 0)
+def _agree_to_stop(accelerator: Any, stop: StopRequest) -> tuple[bool, bool]:
+    """(stop, requeue) on every process: whether any process was signalled, and with USR1 under Slurm."""
+    flags = torch.tensor([int(stop.requested), int(stop.wants_requeue)], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        flags = accelerator.reduce(flags, reduction="sum")
+    stopping, requeue = bool(flags[0] > 0), bool(flags[1] > 0)
+    if stopping and not stop.requested:
+        stop.signal_name = "a signal on another process"
+    return stopping, requeue
 
 
 def _log(accelerator: Any, metrics: MetricsLog | None, record: dict[str, Any]) -> None:

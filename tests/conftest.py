@@ -210,3 +210,16 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from peftrun.tiny import write_colour_images
 
     return write_colour_images(tmp_path_factory.mktemp("images"), per_class=8, size=16, seed=0)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A real 2-node Slurm cluster on this machine (tests/slurm_cluster.py), installed if missing."""
+    from tests.slurm_cluster import LocalSlurm, SlurmUnavailable
+
+    try:
+        cluster = LocalSlurm.start(tmp_path_factory.mktemp("slurm"))
+    except SlurmUnavailable as exc:
+        pytest.skip(f"no local Slurm cluster: {exc}")
+    yield cluster
+    cluster.stop()

@@ -21,8 +21,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise UserError(f"override '{text}': expected dotted.key=value, e.g. train.lr=1e-4")
     value = yaml.safe_load(raw) if raw else ""
-    # YAML 1.1 reads '1e-4' as a string; a number is what anyone typing it means.
-    if isinstance(value, str) and _FLOAT.match(value):
+    # YAML 1.1 reads '1e-4' as a string; a number is what anyone typing it means (unless quoted).
+    if isinstance(value, str) and _FLOAT.match(value) and raw[:1] not in "'\"":
         value = float(value)
     return key.split("."), value
 

@@ -140,6 +140,8 @@ def test_bad_override(tmp_path: Path, override: str, message: str) -> None:
         ("a=null", None),
         ("a=[x, y]", ["x", "y"]),
         ("a=cosine", "cosine"),
+        ('a="1"', "1"),  # quoted: a string (e.g. slurm.time="90"), not a number
+        ("a='24:00:00'", "24:00:00"),
     ],
 )
 def test_parse_override_values(text: str, value: object) -> None:
