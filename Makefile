@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/python -m peftrun demo
 
+# Two workers for everything but the Slurm tests, which time a real cluster's signals and run alone.
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist load tests --ignore=tests/test_slurm.py
+	$(BIN)/python -m pytest -q tests/test_slurm.py
 
 lint: setup
 	$(BIN)/ruff check peftrun tests benchmarks
