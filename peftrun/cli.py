@@ -97,9 +97,12 @@ def _add_merge_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     merge = sub.add_parser(
         "merge",
         help="fold an adapter into its base: a verified transformers checkpoint, written shard by shard",
-        description="peftrun merge RUN_DIR | ADAPTER_DIR --base BASE --out OUT | --adapters A B --weights ...",
+        description="peftrun merge RUN_DIR | ADAPTER_DIR --base BASE --out OUT | --adapters A B --weights ... | "
+        "MERGE.yaml (the same settings in a file, see docs/merge.md)",
     )
-    merge.add_argument("source", nargs="?", help="run directory (knows its base) or adapter directory")
+    merge.add_argument(
+        "source", nargs="?", help="run directory (knows its base), adapter directory, or a merge .yaml file"
+    )
     merge.add_argument("--out", help="output directory (default for a run directory: RUN/merged)")
     add_merge_options(merge)
     merge.add_argument(

@@ -98,6 +98,10 @@ def merge_options(args: argparse.Namespace) -> MergeOptions:
 
 
 def merge_command(args: argparse.Namespace) -> int:
+    from peftrun.merge.spec import apply_spec, is_spec_file
+
+    if is_spec_file(args.source):
+        args = apply_spec(args, Path(args.source))
     if args.adapters:
         return _combine_command(args)
     if args.source is None:

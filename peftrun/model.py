@@ -154,8 +154,17 @@ def _load_weights(cfg: ModelConfig, model_class: Any, device_map: Any, labels: l
 
 
 def load_base(recipe: Recipe, device_map: Any = None) -> Any:
-    """The recipe's base model, with the class names its data resolved to (classifiers)."""
-    return load_model(recipe.model, recipe.task, device_map, labels=recipe.data.labels)
+    """The recipe's base model, with the class names its data resolved to (classifiers).
+
+    Packed training gets attention that runs each sample of a row on its own (attention.py) unless
+    the recipe picked a kernel: with sdpa's generic path a packed row costs its full length squared.
+    """
+    model = load_model(recipe.model, recipe.task, device_map, labels=recipe.data.labels)
+    if recipe.data.packing and recipe.model.attn_implementation in (None, "sdpa"):
+        from peftrun.attention import register
+
+        model.set_attn_implementation(register())
+    return model
 
 
 def _default_device() -> Any:

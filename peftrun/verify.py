@@ -113,7 +113,12 @@ def logits_on(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     # Every input of the batch (token ids and mask, or pixel values), none of its targets.
     out = model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}).logits
     model.train(was_training)
-    return out.float().cpu()
+    out = out.float().cpu()
+    mask = batch.get("attention_mask")
+    if mask is not None and mask.dim() == 2 and out.dim() == 3 and out.shape[1] == mask.shape[1]:
+        # Padding positions' logits mean nothing and depend on the attention kernel: compare real tokens.
+        out = out * mask[..., None].to(out.dtype)
+    return out
 
 
 def logit_tolerance(dtype: torch.dtype, quantized: bool) -> float:

@@ -346,3 +346,19 @@ def test_cpu_flag_with_two_processes_is_refused(base: dict[str, Any]) -> None:
     assert done.returncode != 0, done.stderr[-3000:]  # the launcher turns peftrun's 2 into 1
     assert "peftrun: error: `accelerate launch --cpu` started ONE process" in done.stderr
     assert not (base["root"] / "cpu_flag" / "final").exists()
+
+
+def test_packed_training_with_accumulation_on_two_processes(base: dict[str, Any]) -> None:
+    """Packing + accumulation + 2 ranks: packed rows are split over ranks and micro-batches, and the
+    token-weighted loss still equals the 1-process run's (2 ranks x micro 1 x accumulation 2 == 1 x 4)."""
+    packed = ("data.packing=true", "data.max_seq_len=400", "train.global_batch_size=4")
+    reference = run_here(
+        base["lora"], f"output_dir={base['root'] / 'packed_1proc'}", *packed, "train.micro_batch_size=4"
+    )
+    assert reference.final_dir is not None
+    out = base["root"] / "packed_ddp"
+    launch_ok("ddp.yaml", base["lora"], f"output_dir={out}", *packed, "train.micro_batch_size=1")
+    assert_losses_match(losses(out), losses(reference.output_dir))
+    rows = json.loads((out / "manifest.json").read_text())["data"]["packed_rows"]
+    assert rows < json.loads((out / "manifest.json").read_text())["data"]["train_samples"]
+    assert_same_adapter(out, reference.output_dir, base["tiny_llama"])

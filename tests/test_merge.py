@@ -495,3 +495,33 @@ def test_export_merged_is_merge(runs: dict[str, Path], merged_runs: dict[str, Pa
     expected = merged_files(merged_runs["lora"])
     got = merged_files(out)
     assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in got)
+
+
+def test_a_merge_file_is_the_command_written_down(
+    tmp_path: Path, two_adapters: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`peftrun merge merge.yaml` (paths relative to the file) gives what the flags give."""
+    import yaml
+
+    settings = {
+        "adapters": [str(two_adapters["a"]), str(two_adapters["b"])],
+        "weights": [0.6, 0.4],
+        "combination": "ties",
+        "density": 0.5,
+        "out": "from_file",
+        "check": "light",
+    }
+    spec = tmp_path / "merge.yaml"
+    spec.write_text(yaml.safe_dump(settings))
+    assert main(["merge", str(spec)]) == 0
+    argv = ["merge", "--adapters", str(two_adapters["a"]), str(two_adapters["b"]), "--weights", "0.6", "0.4"]
+    argv += ["--combination", "ties", "--density", "0.5", "--out", str(tmp_path / "from_flags")]
+    assert main([*argv, "--check", "light"]) == 0
+    from_file, from_flags = merged_files(tmp_path / "from_file"), merged_files(tmp_path / "from_flags")
+    assert set(from_file) == set(from_flags)
+    assert all(torch.equal(from_file[k], from_flags[k]) for k in from_flags)
+
+    spec.write_text(yaml.safe_dump({**settings, "densty": 0.5, "out": "other"}))
+    assert main(["merge", str(spec)]) == 2
+    assert f"{spec}: densty: unknown key; did you mean 'density'?" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()

@@ -469,3 +469,35 @@ def test_causal_lm_head_on_supervised_positions_only_gives_the_same_loss_and_gra
     assert len(fast_grads) == len(full_grads) > 0
     for got, expected in zip(fast_grads, full_grads, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_merged_classifier_loads_with_transformers_and_predicts_the_same_labels(
+    bert_recipe: Any, tmp_path: Path
+) -> None:
+    """`peftrun merge` of a LoRA classifier run: a plain AutoModelForSequenceClassification checkpoint
+    with the label names, whose predictions equal the adapter model's."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from peftrun.model import load_base
+
+    result = run(bert_recipe(), f"output_dir={tmp_path / 'cls'}", "train.max_steps=6")
+    assert result.final_dir is not None
+    merged_dir = tmp_path / "merged"
+    assert main(["merge", str(result.output_dir), "--out", str(merged_dir)]) == 0
+
+    merged_model = AutoModelForSequenceClassification.from_pretrained(merged_dir).eval()
+    assert merged_model.config.id2label == dict(enumerate(TOPIC_NAMES))
+    recipe = load_recipe(result.final_dir / "resolved_recipe.yaml")
+    adapter_model = PeftModel.from_pretrained(load_base(recipe), result.final_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    batch = tokenizer(
+        ["today the soup was great", "today the wind was bad", "today the match was great"],
+        return_tensors="pt",
+        padding=True,
+    )
+    with torch.no_grad():
+        merged_logits = merged_model(**batch).logits
+        adapter_logits = adapter_model(**batch).logits
+    torch.testing.assert_close(merged_logits, adapter_logits, rtol=1e-4, atol=1e-5)
+    assert merged_logits.argmax(-1).tolist() == adapter_logits.argmax(-1).tolist()

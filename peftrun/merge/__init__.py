@@ -87,7 +87,9 @@ def merge(
 
     adapter_config = inputs.adapter_config
     merge_plan = plan(adapter_config, load_file(inputs.adapter_dir / ADAPTER_WEIGHTS), skeleton)
-    if isinstance(merge_plan, MergePlan) and weight_map is None:
+    if isinstance(merge_plan, MergePlan) and inputs.task.classifier:
+        merge_plan = "classifiers (their new head is not in the base's files)"
+    elif isinstance(merge_plan, MergePlan) and weight_map is None:
         merge_plan = "bases without safetensors weights"
     elif (
         isinstance(merge_plan, MergePlan)
@@ -163,10 +165,8 @@ def parse_size(text: str) -> int:
 
 def meta_model(inputs: MergeInputs) -> Any:
     """The base's architecture with no memory behind it: module types, names, shapes and tied weights."""
-    from transformers import AutoConfig
-
     read_base_config(inputs.base_dir)
-    config = AutoConfig.from_pretrained(inputs.base_dir, trust_remote_code=inputs.trust_remote_code)
+    config = inputs.base_config()
     with torch.device("meta"):
         return inputs.task.model_class().from_config(config, trust_remote_code=inputs.trust_remote_code)
 
@@ -202,6 +202,13 @@ def load_base(inputs: MergeInputs, dtype: torch.dtype, quantized: bool = False) 
             trust_remote_code=inputs.trust_remote_code,
         )
         return load_model(cfg, _task_name(inputs))
+    if inputs.labels is not None:
+        from peftrun.model import load_model
+        from peftrun.recipe.schema import ModelConfig
+
+        # peftrun's loader builds the head the run trained from (its size, names, seeded init).
+        cfg = ModelConfig(name_or_path=str(inputs.base_dir), trust_remote_code=inputs.trust_remote_code)
+        return load_model(cfg, _task_name(inputs), labels=inputs.labels).to(dtype)
     return inputs.task.model_class().from_pretrained(
         inputs.base_dir, dtype=dtype, trust_remote_code=inputs.trust_remote_code
     )

@@ -19,7 +19,14 @@ def write_model_files(inputs: MergeInputs, out_dir: Path, dtype: torch.dtype) ->
     """Write them; returns notes for the user (e.g. no tokenizer to ship)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    config = AutoConfig.from_pretrained(inputs.base_dir, trust_remote_code=inputs.trust_remote_code)
+    # peft's merge (save_pretrained) already wrote the merged model's own config (a classifier's head
+    # and class names); a streamed merge keeps the base's.
+    written = out_dir / "config.json"
+    config = (
+        AutoConfig.from_pretrained(out_dir, trust_remote_code=inputs.trust_remote_code)
+        if written.is_file()
+        else inputs.base_config()
+    )
     config.dtype = dtype
     config.use_cache = True  # peftrun trains with the cache off; generation wants it
     config.save_pretrained(out_dir)

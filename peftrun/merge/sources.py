@@ -34,6 +34,18 @@ class MergeInputs:
     tokenizer_source: Path  # the tokenizer shipped with the merged model
     chat_template: str | None  # a built-in template the run rendered chats with, when the tokenizer has none
     trust_remote_code: bool = False
+    labels: list[str] | None = None  # classifiers: the class names of the head the run trained
+
+    def base_config(self) -> Any:
+        """The base's config, with the trained head's classes (a classifier's base may have another head)."""
+        from transformers import AutoConfig
+
+        from peftrun.model import label_kwargs
+
+        config = AutoConfig.from_pretrained(self.base_dir, trust_remote_code=self.trust_remote_code)
+        for key, value in label_kwargs(self.labels).items():
+            setattr(config, key, value)
+        return config
 
     @property
     def adapter_config(self) -> dict[str, Any]:
@@ -82,6 +94,7 @@ def inputs_from_run(run_dir: Path) -> MergeInputs:
         tokenizer_source=final,
         chat_template=chat_template,
         trust_remote_code=recipe.model.trust_remote_code,
+        labels=recipe.data.labels,
     )
 
 

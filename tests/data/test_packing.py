@@ -66,7 +66,10 @@ def batch_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
 
 
-@pytest.mark.parametrize(("family", "attn"), [("llama", "eager"), ("llama", "sdpa"), ("gpt2", "sdpa")])
+@pytest.mark.parametrize(
+    ("family", "attn"),
+    [("llama", "eager"), ("llama", "sdpa"), ("gpt2", "sdpa"), ("llama", "packed"), ("gpt2", "packed")],
+)
 def test_a_packed_row_gives_each_sample_its_own_logits(
     tiny_llama: Path, tiny_gpt2: Path, family: str, attn: str
 ) -> None:
@@ -74,8 +77,15 @@ def test_a_packed_row_gives_each_sample_its_own_logits(
     its sample run alone, on the attention path actually used (rotary and learned positions alike)."""
     from transformers import AutoModelForCausalLM
 
+    from peftrun.attention import register
+
     path = tiny_llama if family == "llama" else tiny_gpt2
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        path, attn_implementation="sdpa" if attn == "packed" else attn
+    )
+    if attn == "packed":  # peftrun's per-sample attention (attention.py), what packed training uses
+        model.set_attn_implementation(register())
+    model.eval()
     samples = samples_dataset([9, 14, 6, 11])
     rows = list(pack_dataset(samples, capacity=24))
     batch = collate_packed(rows, pad_id=0)
