@@ -117,10 +117,14 @@ def train(recipe: Recipe) -> RunResult:
     micro = recipe.train.micro_batch_size
     collate_fn = task.collator(processor, recipe.data, True, recipe.train.seed)
     eval_collate_fn = task.collator(processor, recipe.data, False, recipe.train.seed)
+    # Each epoch is cut to whole optimizer steps over all processes, the same cut for any process count.
+    step_samples = micro * accelerator.gradient_accumulation_steps * accelerator.num_processes
     sampler = (
-        LengthGroupedShuffle([len(ids) for ids in data.train["input_ids"]], micro, recipe.train.seed)
+        LengthGroupedShuffle(
+            [len(ids) for ids in data.train["input_ids"]], micro, recipe.train.seed, step_samples
+        )
         if recipe.data.group_by_length and not recipe.data.packing
-        else EpochShuffle(len(data.train), recipe.train.seed)
+        else EpochShuffle(len(data.train), recipe.train.seed, step_samples)
     )
     # Loaders get their own generator: starting an iterator (as a resumed run does mid-epoch) would
     # otherwise draw from the global RNG and shift every dropout mask after it.

@@ -20,19 +20,25 @@ def _generator(seed: int, epoch: int) -> torch.Generator:
 
 
 class EpochShuffle(Sampler[int]):
-    """A permutation per epoch from (seed, epoch)."""
+    """A permutation per epoch from (seed, epoch), cut to a whole number of global batches.
 
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
+    `multiple` is the samples of one optimizer step over all processes. Without the cut, an epoch's
+    tail would be split differently by different process counts (accelerate even pads the processes'
+    shares with repeated samples), so 2 processes would not train what 1 process trains.
+    """
+
+    def __init__(self, size: int, seed: int, multiple: int = 1) -> None:
+        self.size, self.seed, self.epoch, self.multiple = size, seed, 0, multiple
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        return iter(torch.randperm(self.size, generator=_generator(self.seed, self.epoch)).tolist())
+        order = torch.randperm(self.size, generator=_generator(self.seed, self.epoch))
+        return iter(order[: len(self)].tolist())
 
     def __len__(self) -> int:
-        return self.size
+        return self.size - self.size % self.multiple
 
 
 class LengthGroupedShuffle(EpochShuffle):
@@ -44,8 +50,8 @@ class LengthGroupedShuffle(EpochShuffle):
     homogeneous, and which lengths come when stays random.
     """
 
-    def __init__(self, lengths: Sequence[int], micro_batch_size: int, seed: int) -> None:
-        super().__init__(len(lengths), seed)
+    def __init__(self, lengths: Sequence[int], micro_batch_size: int, seed: int, multiple: int = 1) -> None:
+        super().__init__(len(lengths), seed, multiple)
         self.lengths = torch.as_tensor(list(lengths))
         self.micro = micro_batch_size
 
@@ -59,4 +65,4 @@ class LengthGroupedShuffle(EpochShuffle):
             mega = mega[torch.argsort(self.lengths[mega], descending=True, stable=True)]
             micro_batches += list(mega.split(self.micro))
         shuffled = torch.randperm(len(micro_batches), generator=generator).tolist()
-        return iter(torch.cat([micro_batches[i] for i in shuffled]).tolist())
+        return iter(torch.cat([micro_batches[i] for i in shuffled])[: len(self)].tolist())

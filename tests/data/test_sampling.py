@@ -38,3 +38,12 @@ def test_length_grouping_cuts_padding(lengths: list[int]) -> None:
     # Measured on this spread: random micro-batches of 4 compute 1.75x the real tokens, grouped 1.02x.
     assert plain > 1.5 * real
     assert grouped < 1.05 * real
+
+
+def test_epochs_are_cut_to_whole_global_batches(lengths: list[int]) -> None:
+    for sampler in (
+        EpochShuffle(10, seed=0, multiple=4),
+        LengthGroupedShuffle(lengths[:10], 2, seed=0, multiple=4),
+    ):
+        order = list(sampler)
+        assert len(order) == len(sampler) == 8 and len(set(order)) == 8
