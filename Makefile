@@ -24,7 +24,7 @@ demo: setup
 
 # Two workers for everything but the Slurm tests, which time a real cluster's signals and run alone.
 test: setup
-	$(BIN)/python -m pytest -q -n 2 --dist load tests --ignore=tests/test_slurm.py
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal tests --ignore=tests/test_slurm.py
 	$(BIN)/python -m pytest -q tests/test_slurm.py
 
 lint: setup
