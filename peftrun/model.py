@@ -46,16 +46,21 @@ def load_model_config(cfg: ModelConfig) -> Any:
 
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
-    from transformers import AutoTokenizer
+    return _load_preprocessor(cfg, "AutoTokenizer", "a tokenizer")
+
+
+def _load_preprocessor(cfg: ModelConfig, auto_class: str, what: str) -> Any:
+    """The tokenizer or image processor of `model.tokenizer` (default: the model's own)."""
+    import transformers
 
     source = cfg.tokenizer or cfg.name_or_path
     try:
-        return AutoTokenizer.from_pretrained(
+        return getattr(transformers, auto_class).from_pretrained(
             source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
         )
     except (OSError, ValueError) as exc:
         key = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
-        raise UserError(f"{key}: cannot load a tokenizer from '{source}': {_first_line(exc)}") from None
+        raise UserError(f"{key}: cannot load {what} from '{source}': {_first_line(exc)}") from None
 
 
 def bitsandbytes_config(quant: QuantizationConfig, model_dtype: str) -> Any:
@@ -73,18 +78,7 @@ def bitsandbytes_config(quant: QuantizationConfig, model_dtype: str) -> Any:
 
 
 def load_image_processor(cfg: ModelConfig) -> Any:
-    from transformers import AutoImageProcessor
-
-    source = cfg.tokenizer or cfg.name_or_path
-    try:
-        return AutoImageProcessor.from_pretrained(
-            source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
-        )
-    except (OSError, ValueError) as exc:
-        key = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
-        raise UserError(
-            f"{key}: cannot load an image processor from '{source}': {_first_line(exc)}"
-        ) from None
+    return _load_preprocessor(cfg, "AutoImageProcessor", "an image processor")
 
 
 def load_processor(cfg: ModelConfig, task_name: str) -> Any:
