@@ -15,7 +15,6 @@ by a real token under a causal mask.
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import torch
@@ -41,22 +40,30 @@ def packed_sdpa_attention(
         )
     groups = getattr(module, "num_key_value_groups", 1)
     dropout_p = dropout if module.training else 0.0
-    out = torch.empty_like(query)
     position_ids = position_ids.expand(query.shape[0], -1)
-    for row in range(query.shape[0]):
+    rows = []
+    # split/unbind and cat/stack, not slice assignment into one output: the backward of a slice
+    # assignment writes a zero-filled gradient of the whole tensor per sample.
+    for row, (q, k, v) in enumerate(zip(query.unbind(0), key.unbind(0), value.unbind(0), strict=True)):
         # A sample starts where the position does not continue the previous one (and at 0).
         starts = (torch.diff(position_ids[row], prepend=position_ids[row, :1] + 1) != 1).nonzero().flatten()
-        bounds = [*starts.tolist(), query.shape[2]]
-        for start, end in itertools.pairwise(bounds):
-            out[row : row + 1, :, start:end] = torch.nn.functional.scaled_dot_product_attention(
-                query[row : row + 1, :, start:end],
-                key[row : row + 1, :, start:end],
-                value[row : row + 1, :, start:end],
+        lengths = torch.diff(starts, append=starts.new_tensor([query.shape[2]])).tolist()
+        samples = [
+            torch.nn.functional.scaled_dot_product_attention(
+                q_sample.unsqueeze(0),
+                k_sample.unsqueeze(0),
+                v_sample.unsqueeze(0),
                 dropout_p=dropout_p,
                 is_causal=True,
                 scale=scaling,
                 enable_gqa=groups > 1,
             )
+            for q_sample, k_sample, v_sample in zip(
+                q.split(lengths, dim=1), k.split(lengths, dim=1), v.split(lengths, dim=1), strict=True
+            )
+        ]
+        rows.append(torch.cat(samples, dim=2))
+    out = torch.cat(rows, dim=0)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -183,6 +183,10 @@ def make_trainable(model: Any, recipe: Recipe) -> Any:
     task = TASKS[recipe.task]
     model = apply_method(model, recipe.method, task.peft_task_type, task.head_modules)
     hold_frozen_norms_in_eval(model)
+    if recipe.train.fused_lora:  # only peft LoRA Linear layers change (see fused_lora.py)
+        from peftrun.fused_lora import fuse_lora_layers
+
+        fuse_lora_layers(model)
     return model
 
 

@@ -211,6 +211,11 @@ class TrainConfig(Section):
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
         "no", description="Autocast precision for compute."
     )
+    fused_lora: bool = Field(
+        True,
+        description="CPU training: plain LoRA linear layers run as one function (fast dropout masks, "
+        "LoRA output added in place, no per-layer dropped copies kept); same values and law as peft's.",
+    )
     seed: int = Field(0, description="Seeds weights init of adapters, dropout and data order.")
     resume: str | None = Field(
         None, description="'auto' (newest checkpoint in output_dir, if any) or a checkpoint directory."
