@@ -33,6 +33,7 @@ lint: setup
 
 typecheck: setup
 	$(BIN)/mypy
+	$(BIN)/mypy tests
 
 check: lint typecheck test
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 from peftrun.fused_lora import FusedLoraLinear, fuse_lora_layers, keep_mask, next_seed
 
 
-def _lora_pair(dropout: float, **config: object) -> tuple[nn.Module, nn.Module]:
+def _lora_pair(dropout: float, **config: Any) -> tuple[Any, Any]:
     """Two identical peft models over one frozen linear layer: peft's as is, and a fused copy."""
     import copy
 
@@ -29,7 +30,7 @@ def _lora_pair(dropout: float, **config: object) -> tuple[nn.Module, nn.Module]:
     return reference.train(), fused.train()
 
 
-def _step(model: nn.Module, x: torch.Tensor, upstream: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _step(model: Any, x: torch.Tensor, upstream: torch.Tensor) -> tuple[torch.Tensor, ...]:
     x = x.clone().requires_grad_(True)
     out = model(x)
     out.backward(upstream)

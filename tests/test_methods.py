@@ -201,9 +201,9 @@ CONFIG_CASES: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ids=[f"{k}-{i}" for i, (k, _, _) in enumerate(CONFIG_CASES)],
 )
 def test_build_peft_config(kind: str, options: dict[str, Any], expected: dict[str, Any]) -> None:
-    config = build_peft_config(kind, options, task_type="CAUSAL_LM")
+    config: Any = build_peft_config(kind, options, task_type="CAUSAL_LM")
+    assert config.task_type == "CAUSAL_LM"  # before the type check, which narrows config to object
     assert type(config) is _peft_classes()[kind]
-    assert config.task_type == "CAUSAL_LM"
     for key, value in expected.items():
         got = getattr(config, key)
         assert (set(got) if isinstance(value, set) else got) == value, key

@@ -62,7 +62,7 @@ def _recipe(**slurm: Any) -> Recipe:
     )
 
 
-GOLDEN_CASES = {
+GOLDEN_CASES: dict[str, dict[str, Any]] = {
     # One GPU: no multi-process backend option (accelerate refuses --multi_gpu for one process).
     "slurm_1_node.sbatch": {"time": "04:00:00", "partition": "gpu"},
     # CPU cluster: 2 processes per node over gloo, site setup, extra #SBATCH lines and environment.

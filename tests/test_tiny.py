@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 # Importing the model class here puts transformers' (slow, one-off) modelling import in collection,
 # not in whichever test happens to build the first model.
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from peftrun import tiny
 
@@ -28,12 +29,12 @@ def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tok(tok_dir: Path) -> PreTrainedTokenizerFast:
+def tok(tok_dir: Path) -> Any:
     # Always test the reloaded tokenizer: that is what training code sees.
     return AutoTokenizer.from_pretrained(tok_dir)
 
 
-def test_special_tokens_distinct(tok: PreTrainedTokenizerFast) -> None:
+def test_special_tokens_distinct(tok: Any) -> None:
     assert (tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token) == ("<s>", "</s>", "<pad>", "<unk>")
     ids = [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id]
     ids += tok.convert_tokens_to_ids(list(tiny.CHAT_MARKERS))
@@ -46,7 +47,7 @@ def test_special_tokens_distinct(tok: PreTrainedTokenizerFast) -> None:
         assert marker in tok.all_special_tokens
 
 
-def test_no_automatic_bos_eos(tok: PreTrainedTokenizerFast) -> None:
+def test_no_automatic_bos_eos(tok: Any) -> None:
     ids = tok("Hello world")["input_ids"]
     assert tok.bos_token_id not in ids and tok.eos_token_id not in ids
     assert tok("")["input_ids"] == []
@@ -63,22 +64,22 @@ def test_no_automatic_bos_eos(tok: PreTrainedTokenizerFast) -> None:
         "~`!@#$%^&*()",
     ],
 )
-def test_round_trip(tok: PreTrainedTokenizerFast, text: str) -> None:
+def test_round_trip(tok: Any, text: str) -> None:
     assert tok.decode(tok(text)["input_ids"]) == text
 
 
-def test_round_trip_unseen_bytes(tok: PreTrainedTokenizerFast) -> None:
+def test_round_trip_unseen_bytes(tok: Any) -> None:
     text = "naïve café, 日本語, emoji 🙂"  # never in the corpus: byte-level still covers it
     ids = tok(text)["input_ids"]
     assert tok.unk_token_id not in ids
     assert tok.decode(ids) == text
 
 
-def test_digits_are_single_tokens(tok: PreTrainedTokenizerFast) -> None:
+def test_digits_are_single_tokens(tok: Any) -> None:
     assert len(tok("9081726354")["input_ids"]) == 10
 
 
-def test_chat_template_prefix_consistent(tok: PreTrainedTokenizerFast) -> None:
+def test_chat_template_prefix_consistent(tok: Any) -> None:
     messages = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Hi"},
@@ -104,14 +105,14 @@ def test_chat_template_prefix_consistent(tok: PreTrainedTokenizerFast) -> None:
     assert ids[-1] == tok.convert_tokens_to_ids("<|assistant|>")
 
 
-def test_build_llama_loads_back(tok: PreTrainedTokenizerFast, tmp_path: Path) -> None:
+def test_build_llama_loads_back(tok: Any, tmp_path: Path) -> None:
     out = tiny.build_llama(tmp_path / "m", tok, hidden_size=64, num_layers=2, seed=0)
     assert (out / "model.safetensors").is_file()
     model = AutoModelForCausalLM.from_pretrained(out)
     assert isinstance(model, LlamaForCausalLM)
     cfg = model.config
     assert cfg.model_type == "llama"
-    assert cfg.vocab_size == len(tok) == model.get_input_embeddings().weight.shape[0]
+    assert cfg.vocab_size == len(tok) == model.get_input_embeddings().num_embeddings
     assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (
         tok.bos_token_id,
         tok.eos_token_id,
@@ -123,7 +124,7 @@ def test_build_llama_loads_back(tok: PreTrainedTokenizerFast, tmp_path: Path) ->
     assert AutoTokenizer.from_pretrained(out)("abc")["input_ids"] == tok("abc")["input_ids"]
 
 
-def test_build_llama_is_seeded(tok: PreTrainedTokenizerFast, tmp_path: Path) -> None:
+def test_build_llama_is_seeded(tok: Any, tmp_path: Path) -> None:
     a = tiny.build_llama(tmp_path / "a", tok, hidden_size=64, num_layers=1, seed=3)
     b = tiny.build_llama(tmp_path / "b", tok, hidden_size=64, num_layers=1, seed=3)
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()

@@ -75,7 +75,8 @@ def test_each_adapter_trains_and_saves_a_loadable_verified_adapter(
     assert saved and (any(nonzero) if method["kind"] == "adalora" else all(nonzero))
     # What a user does with it, with no peftrun involved.
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), final)
-    assert model.peft_config["default"].peft_type.value.lower() == method["kind"]
+    peft_type: Any = model.peft_config["default"].peft_type
+    assert peft_type.value.lower() == method["kind"]
 
 
 def test_packed_training_takes_the_step_unpacked_training_takes(write_recipe: Any) -> None:
@@ -149,14 +150,18 @@ def test_accumulation_is_token_weighted(write_recipe: Any, tmp_path: Path) -> No
         torch.testing.assert_close(ta[key], tb[key], rtol=1e-4, atol=1e-6)
 
 
-def test_resumed_run_continues_exactly(write_recipe: Any, tmp_path: Path) -> None:
-    """Stop at step 3, resume to 6: steps 4-6 have the uninterrupted run's losses (dropout on).
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_resumed_run_continues_exactly(write_recipe: Any, tmp_path: Path, packing: bool) -> None:
+    """Stop at step 3, resume to 6: steps 4-6 have the uninterrupted run's losses (dropout on, so
+    the dropout masks must continue too). Packed, the 12 samples fill 4 rows of 512 tokens, so
+    the 6 steps of one row also cross an epoch boundary.
 
     The schedule is constant because max_steps=3 would also shorten a decaying schedule.
     """
     recipe = write_recipe(
         method={"dropout": 0.1},
-        train={"max_steps": 6, "lr": 1e-2, "micro_batch_size": 2, "scheduler": "constant"},
+        data={"packing": packing, "max_seq_len": 512 if packing else 256},
+        train={"max_steps": 6, "lr": 1e-2, "micro_batch_size": 1 if packing else 2, "scheduler": "constant"},
         checkpoint={"every_steps": 3, "at_end": True},
     )
     full = run(recipe, f"output_dir={tmp_path / 'full'}")

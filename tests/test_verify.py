@@ -247,9 +247,8 @@ def test_reload_on_a_different_base_fails(trained: Saved, tiny_llama: Path, tmp_
 
     from peftrun.tiny import build_llama
 
-    other = build_llama(
-        tmp_path / "other", AutoTokenizer.from_pretrained(tiny_llama), hidden_size=64, num_layers=2, seed=1
-    )
+    tokenizer: Any = AutoTokenizer.from_pretrained(tiny_llama)
+    other = build_llama(tmp_path / "other", tokenizer, hidden_size=64, num_layers=2, seed=1)
     reloaded = peft.PeftModel.from_pretrained(base_model(other), trained.directory)  # same shapes: loads fine
     data = batch(trained.model.config.vocab_size)
     with pytest.raises(VerificationError, match=r"logits differ .* by \d\.\d+e[+-]\d+ \(> 1e-04\)"):

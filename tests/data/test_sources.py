@@ -323,7 +323,11 @@ def test_offline_hub_without_a_cached_copy(monkeypatch: pytest.MonkeyPatch) -> N
 def test_hub_dataset_rows_are_read_and_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     import datasets
 
-    rows = [GOOD, {**GOOD, "output": "6"}, {"instruction": "q", "input": "", "output": None}]
+    rows: list[dict[str, Any]] = [
+        GOOD,
+        {**GOOD, "output": "6"},
+        {"instruction": "q", "input": "", "output": None},
+    ]
     calls: list[dict[str, Any]] = []
 
     def fake_load_dataset(path: str, **kwargs: Any) -> datasets.Dataset:

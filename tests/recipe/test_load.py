@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -10,7 +11,7 @@ import yaml
 from peftrun.errors import UserError
 from peftrun.recipe.load import load_recipe, parse_override, recipe_to_yaml
 
-BASE = {"output_dir": "runs/x", "model": {"name_or_path": "m"}, "data": {"path": "d.jsonl"}}
+BASE: dict[str, Any] = {"output_dir": "runs/x", "model": {"name_or_path": "m"}, "data": {"path": "d.jsonl"}}
 
 
 def _write(tmp_path: Path, data: object) -> Path:
