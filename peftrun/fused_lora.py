@@ -44,6 +44,11 @@ def keep_mask(shape: torch.Size, p: float, seed: int) -> tuple[torch.Tensor, flo
     return keep, 1.0 / (1.0 - dropped_words / 2**32)
 
 
+def _scaled_keep(keep: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """What the input is multiplied by: 0 where dropped, the survivors' scale where kept."""
+    return keep.to(dtype).mul_(scale)
+
+
 def next_seed() -> int:
     """One draw from torch's default generator, so torch's seeding decides the masks."""
     return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
@@ -65,15 +70,15 @@ class _LoraLinearFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         out = F.linear(flat, weight, bias)
-        keep, factor = None, 1.0
+        keep, scale = None, 1.0
         dropped = flat
         if p > 0:
-            keep, factor = keep_mask(flat.shape, p, next_seed())
-            dropped = flat * keep.to(flat.dtype).mul_(factor)
+            keep, scale = keep_mask(flat.shape, p, next_seed())
+            dropped = flat * _scaled_keep(keep, flat.dtype, scale)
         hidden = dropped @ lora_a.t()  # [tokens, r]
         out.addmm_(hidden, lora_b.t(), alpha=scaling)
         ctx.save_for_backward(flat, weight, lora_a, lora_b, hidden, keep)
-        ctx.scaling, ctx.factor, ctx.x_shape = scaling, factor, x.shape
+        ctx.scaling, ctx.scale, ctx.x_shape = scaling, scale, x.shape
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -82,7 +87,7 @@ class _LoraLinearFunction(torch.autograd.Function):
         grad = grad_out.reshape(-1, grad_out.shape[-1])
         grad_hidden = (grad @ lora_b).mul_(ctx.scaling)  # [tokens, r]
         grad_b = (grad.t() @ hidden).mul_(ctx.scaling)
-        factor = None if keep is None else keep.to(flat.dtype).mul_(ctx.factor)
+        factor = None if keep is None else _scaled_keep(keep, flat.dtype, ctx.scale)
         dropped = flat if factor is None else flat * factor
         grad_a = grad_hidden.t() @ dropped
         grad_x = None

@@ -104,18 +104,21 @@ def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Pat
     return out
 
 
+def _jsonl(tmp_path_factory: pytest.TempPathFactory, name: str, rows: list[dict[str, Any]]) -> Path:
+    """A session data file: one JSON object per line, in its own temp dir."""
+    path = tmp_path_factory.mktemp("data") / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 @pytest.fixture(scope="session")
 def alpaca_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "alpaca.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in ALPACA_ROWS))
-    return path
+    return _jsonl(tmp_path_factory, "alpaca.jsonl", ALPACA_ROWS)
 
 
 @pytest.fixture(scope="session")
 def chat_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in CHAT_ROWS))
-    return path
+    return _jsonl(tmp_path_factory, "chat.jsonl", CHAT_ROWS)
 
 
 @pytest.fixture
@@ -192,16 +195,12 @@ def tiny_vit(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def classification_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "topics.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in CLASSIFICATION_ROWS))
-    return path
+    return _jsonl(tmp_path_factory, "topics.jsonl", CLASSIFICATION_ROWS)
 
 
 @pytest.fixture(scope="session")
 def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "text.jsonl"
-    path.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in CLASSIFICATION_ROWS))
-    return path
+    return _jsonl(tmp_path_factory, "text.jsonl", [{"text": r["text"]} for r in CLASSIFICATION_ROWS])
 
 
 @pytest.fixture(scope="session")
