@@ -16,13 +16,13 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
 from peftrun.data.rows import TaskData
+from peftrun.data.tokenize import IGNORE_INDEX
 
 if TYPE_CHECKING:
     import torch
 
     from peftrun.recipe.schema import DataConfig
 
-IGNORE_INDEX = -100
 Batch = dict[str, "torch.Tensor"]
 
 

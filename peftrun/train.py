@@ -191,7 +191,6 @@ def train(recipe: Recipe) -> RunResult:
     stopping = requeue = False  # decided by all processes together, at a step boundary
     losses: list[float] = []
     eval_loss: float | None = None
-    label_names = recipe.data.labels
     progress = _progress_bar(
         accelerator.is_main_process and recipe.logging.progress_bar, total_steps, state.step
     )
@@ -243,9 +242,7 @@ def train(recipe: Recipe) -> RunResult:
                 and recipe.eval.every_steps
                 and state.step % recipe.eval.every_steps == 0
             ):
-                eval_loss = _eval_and_log(
-                    accelerator, model, eval_loader, task, recipe, state.step, metrics, label_names
-                )
+                eval_loss = _eval_and_log(accelerator, model, eval_loader, task, recipe, state.step, metrics)
             if recipe.checkpoint.every_steps and state.step % recipe.checkpoint.every_steps == 0:
                 save_checkpoint(accelerator, out, state, recipe.checkpoint.keep_last)
             # Every process must stop at the same step, or the next collective hangs.
@@ -271,9 +268,7 @@ def train(recipe: Recipe) -> RunResult:
         return RunResult(out, None, state.step, losses, eval_loss, stopped_by=stop.signal_name)
     evaluated_last_step = bool(recipe.eval.every_steps) and state.step % (recipe.eval.every_steps or 1) == 0
     if eval_loader is not None and recipe.eval.at_end and not (evaluated_last_step and losses):
-        eval_loss = _eval_and_log(
-            accelerator, model, eval_loader, task, recipe, state.step, metrics, label_names
-        )
+        eval_loss = _eval_and_log(accelerator, model, eval_loader, task, recipe, state.step, metrics)
     if recipe.checkpoint.at_end and losses:
         save_checkpoint(accelerator, out, state, recipe.checkpoint.keep_last)
     final_dir = save_final(accelerator, model, processor, recipe, probe_batch, initial_adapter)
@@ -439,9 +434,8 @@ def _eval_and_log(
     recipe: Recipe,
     step: int,
     metrics: MetricsLog | None,
-    label_names: list[str] | None,
 ) -> float:
-    result = evaluate(accelerator, model, loader, task, recipe.eval.max_batches, label_names)
+    result = evaluate(accelerator, model, loader, task, recipe.eval.max_batches, recipe.data.labels)
     _log(accelerator, metrics, {"step": step, **{f"eval_{k}": v for k, v in result.items()}})
     accelerator.print(f"[peftrun] step {step}: eval {eval_summary(result)}")
     return float(result["loss"])

@@ -134,9 +134,9 @@ def test_lora_classifier_trains_its_new_head_and_reloads_with_its_label_names(
 
 
 def _held_out_rows(count: int) -> list[int]:
-    from peftrun.data import _holdout_rows
+    from peftrun.data.rows import holdout_rows
 
-    return sorted(_holdout_rows(count, 0.25, 0))
+    return sorted(holdout_rows(count, 0.25, 0))
 
 
 def test_full_classifier_saves_label_names_in_its_config(bert_recipe: Any) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -23,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from peftrun.data.rows import split_held_out
 from peftrun.data.sources import check_file, check_source, column_map, digest_file, is_hub_id, read_rows
 from peftrun.data.templates import resolve_chat_template
 from peftrun.data.tokenize import IGNORE_INDEX, Sample, SampleEncoder, TokenizeStats, supervised_count
@@ -229,14 +229,6 @@ def _encode_rows(encoder: SampleEncoder, rows: datasets.Dataset) -> tuple[list[S
     return samples, stats
 
 
-def _holdout_rows(num_rows: int, fraction: float, seed: int) -> set[int]:
-    """Row numbers (1-based) held out for evaluation: a seeded sample, so reruns hold out the same rows."""
-    count = max(1, round(num_rows * fraction))
-    if count >= num_rows:
-        raise UserError(f"data.val_fraction={fraction} of {num_rows} rows leaves no rows to train on")
-    return {index + 1 for index in random.Random(seed).sample(range(num_rows), count)}
-
-
 def _to_dataset(samples: list[Sample]) -> datasets.Dataset:
     import datasets
 
@@ -290,9 +282,9 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int, cache_dir: Path) ->
 
     eval_samples: list[Sample] = []
     if cfg.val_fraction > 0:
-        held_out = _holdout_rows(len(train_rows), cfg.val_fraction, seed)
-        eval_samples = [s for s in samples if s.row in held_out]
-        samples = [s for s in samples if s.row not in held_out]
+        samples, eval_samples = split_held_out(
+            samples, lambda s: s.row, len(train_rows), cfg.val_fraction, seed
+        )
     elif cfg.val_path is not None:
         val_rows = _read_local(cfg.val_path, cfg, "data.val_path", columns)
         val_encoder = SampleEncoder(tokenizer, cfg, cfg.val_path, chat_template)

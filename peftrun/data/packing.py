@@ -20,11 +20,11 @@ import bisect
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from peftrun.data.tokenize import IGNORE_INDEX
+
 if TYPE_CHECKING:
     import datasets
     import torch
-
-IGNORE_INDEX = -100
 
 
 def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:

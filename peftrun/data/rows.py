@@ -7,10 +7,11 @@ rows are read and checked here with the same readers and the same row-numbered e
 
 from __future__ import annotations
 
+import random
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from peftrun.data.sources import RowProblem, column_map, extract_fields, read_rows
 from peftrun.errors import UserError
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
     import datasets
 
     from peftrun.recipe.schema import DataConfig
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -82,17 +85,30 @@ def _read(path: str, cfg: DataConfig, key: str, labelled: bool) -> list[Row]:
     return rows
 
 
+def holdout_rows(num_rows: int, fraction: float, seed: int) -> set[int]:
+    """Row numbers (1-based) held out for evaluation: a seeded sample, so reruns hold out the same rows."""
+    count = max(1, round(num_rows * fraction))
+    if count >= num_rows:
+        raise UserError(f"data.val_fraction={fraction} of {num_rows} rows leaves no rows to train on")
+    return {index + 1 for index in random.Random(seed).sample(range(num_rows), count)}
+
+
+def split_held_out(
+    items: list[T], row_of: Callable[[T], int], num_rows: int, fraction: float, seed: int
+) -> tuple[list[T], list[T]]:
+    """(train, held out) of rows, or of samples made from them, by `holdout_rows`: every task's data
+    path holds out the same rows of the same file."""
+    chosen = holdout_rows(num_rows, fraction, seed)
+    return [x for x in items if row_of(x) not in chosen], [x for x in items if row_of(x) in chosen]
+
+
 def read_split(cfg: DataConfig, seed: int, labelled: bool = True) -> SplitRows:
     """The recipe's rows, checked, with the evaluation rows held out (val_fraction) or read (val_path)."""
-    from peftrun.data import _holdout_rows  # the causal-LM path's rule, so both hold out the same rows
-
     train = _read(cfg.path, cfg, "data.path", labelled)
     count = len(train)
     held_out: list[Row] | None = None
     if cfg.val_fraction > 0:
-        chosen = _holdout_rows(len(train), cfg.val_fraction, seed)
-        held_out = [r for r in train if r.number in chosen]
-        train = [r for r in train if r.number not in chosen]
+        train, held_out = split_held_out(train, lambda r: r.number, len(train), cfg.val_fraction, seed)
     elif cfg.val_path is not None:
         held_out = _read(cfg.val_path, cfg, "data.val_path", labelled)
         count += len(held_out)

@@ -11,7 +11,8 @@ import datasets
 import pytest
 import torch
 
-from peftrun.data.packing import IGNORE_INDEX, best_fit_decreasing, collate_packed, pack_dataset
+from peftrun.data.packing import best_fit_decreasing, collate_packed, pack_dataset
+from peftrun.data.tokenize import IGNORE_INDEX
 
 
 def test_best_fit_decreasing_places_every_sample_once_within_capacity() -> None:
