@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from peftrun.tasks import model_inputs
+
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
@@ -111,7 +113,7 @@ def logits_on(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     model.eval()
     device = next(model.parameters()).device
     # Every input of the batch (token ids and mask, or pixel values), none of its targets.
-    out = model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}).logits
+    out = model(**{k: v.to(device) for k, v in model_inputs(batch).items()}).logits
     model.train(was_training)
     out = out.float().cpu()
     mask = batch.get("attention_mask")

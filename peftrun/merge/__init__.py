@@ -30,6 +30,7 @@ from peftrun.merge.verdict import (
     Verdict,
     compare_logits,
     light_verdict,
+    probe_logits,
 )
 from peftrun.model import DTYPES
 from peftrun.verify import ADAPTER_WEIGHTS, logit_tolerance
@@ -259,14 +260,17 @@ def judge(
             merged_dir, dtype=dtype, trust_remote_code=inputs.trust_remote_code
         )
 
-    verdict = compare_logits(reference, merged, vocab_size, tolerance, label)
+    merged_logits = probe_logits(merged, vocab_size)  # compared with one or two references below
+    verdict = compare_logits(probe_logits(reference, vocab_size), merged_logits, tolerance, label)
     if quant is not None and not reference_quantized:
         trained = compare_logits(
-            lambda: PeftModel.from_pretrained(
-                load_base(inputs, torch.float32, quantized=True), inputs.adapter_dir
+            probe_logits(
+                lambda: PeftModel.from_pretrained(
+                    load_base(inputs, torch.float32, quantized=True), inputs.adapter_dir
+                ),
+                vocab_size,
             ),
-            merged,
-            vocab_size,
+            merged_logits,
             float("inf"),
             "",
         )

@@ -63,18 +63,19 @@ def probe_batch(vocab_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def compare_logits(
-    reference: Callable[[], Any], merged: Callable[[], Any], vocab_size: int, tolerance: float, label: str
-) -> Verdict:
-    """Run each model (built by its loader, one at a time) on the probe batch and compare the logits."""
-    batch = probe_batch(vocab_size)
-    expected = _logits_then_free(reference(), batch)
-    got = _logits_then_free(merged(), batch)
+def probe_logits(load: Callable[[], Any], vocab_size: int) -> torch.Tensor:
+    """The logits of the model `load` builds on the probe batch; the model is freed before returning,
+    so models are compared one at a time in memory."""
+    return _logits_then_free(load(), probe_batch(vocab_size))
+
+
+def compare_logits(expected: torch.Tensor, got: torch.Tensor, tolerance: float, label: str) -> Verdict:
+    """The merged model's probe logits (`got`) against the reference's; padding positions are zero in
+    both (see verify.logits_on)."""
     if got.shape != expected.shape:
         raise MergeVerificationError(
             f"the merged model gives logits of shape {tuple(got.shape)}, {label} {tuple(expected.shape)}"
         )
-    # Positions masked out in the input are compared too: the models must agree on them as well.
     max_abs = float((got - expected).abs().max())
     return Verdict("logits", max_abs, max_abs / max(1.0, float(expected.abs().max())), tolerance, label)
 
