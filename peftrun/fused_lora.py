@@ -13,8 +13,9 @@ Here the layer is one function: the base matmul, then the rank-r path added in p
 Backward keeps the input itself (one reference, shared by q, k and v), the boolean mask and the
 [tokens, r] intermediate, and recomputes the dropped input. The keep mask comes from numpy's SFC64
 generator seeded by one draw from torch's generator (so `torch.manual_seed` and accelerate's
-checkpointed RNG states still decide every mask), 32 random bits per element: p is rounded to a
-multiple of 2**-32 and survivors are scaled by 1 / (1 - that p), so the expectation is exact.
+checkpointed RNG states still decide every mask), 16 random bits per element: p is rounded to a
+multiple of 2**-16 and survivors are scaled by 1 / (1 - that p), so the expectation is exact. The mask
+stays boolean: survivors' scale is applied to the [tokens, r] products, never to a [tokens, in] one.
 
 It applies to peft's `lora.Linear` over a frozen `nn.Linear` with one active plain adapter (no DoRA or
 other variant, no LoRA bias) whose weights share the input's dtype, on CPU tensors, in training,
@@ -37,16 +38,12 @@ from torch import nn
 def keep_mask(shape: torch.Size, p: float, seed: int) -> tuple[torch.Tensor, float]:
     """A boolean keep mask (each element kept with probability 1 - p) and the survivors' scale."""
     count = int(np.prod(shape))
-    bits = np.random.SFC64(seed).random_raw((count + 1) // 2).view(np.int32)[:count]
-    # The int32 view of uniform 32-bit words is uniform on [-2**31, 2**31): drop below a threshold.
-    dropped_words = round(p * 2**32)
-    keep = torch.from_numpy(bits).view(shape) >= dropped_words - 2**31
-    return keep, 1.0 / (1.0 - dropped_words / 2**32)
-
-
-def _scaled_keep(keep: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
-    """What the input is multiplied by: 0 where dropped, the survivors' scale where kept."""
-    return keep.to(dtype).mul_(scale)
+    # 16 random bits per element: half the generator's work of 32, and p within 2**-17 of the recipe's.
+    words = np.random.SFC64(seed).random_raw((count + 3) // 4).view(np.int16)[:count]
+    # The int16 view of uniform 16-bit words is uniform on [-2**15, 2**15): drop below a threshold.
+    dropped_words = round(p * 2**16)
+    keep = torch.from_numpy(words).view(shape) >= dropped_words - 2**15
+    return keep, 1.0 / (1.0 - dropped_words / 2**16)
 
 
 def next_seed() -> int:
@@ -74,8 +71,8 @@ class _LoraLinearFunction(torch.autograd.Function):
         dropped = flat
         if p > 0:
             keep, scale = keep_mask(flat.shape, p, next_seed())
-            dropped = flat * _scaled_keep(keep, flat.dtype, scale)
-        hidden = dropped @ lora_a.t()  # [tokens, r]
+            dropped = flat * keep  # the survivors' scale goes on the rank-r side: r columns, not `in`
+        hidden = (dropped @ lora_a.t()).mul_(scale)  # [tokens, r]
         out.addmm_(hidden, lora_b.t(), alpha=scaling)
         ctx.save_for_backward(flat, weight, lora_a, lora_b, hidden, keep)
         ctx.scaling, ctx.scale, ctx.x_shape = scaling, scale, x.shape
@@ -87,15 +84,15 @@ class _LoraLinearFunction(torch.autograd.Function):
         grad = grad_out.reshape(-1, grad_out.shape[-1])
         grad_hidden = (grad @ lora_b).mul_(ctx.scaling)  # [tokens, r]
         grad_b = (grad.t() @ hidden).mul_(ctx.scaling)
-        factor = None if keep is None else _scaled_keep(keep, flat.dtype, ctx.scale)
-        dropped = flat if factor is None else flat * factor
-        grad_a = grad_hidden.t() @ dropped
+        # The dropped input is recomputed rather than kept: one pass, against a float copy per layer.
+        dropped = flat if keep is None else flat * keep
+        grad_a = (grad_hidden.t() @ dropped).mul_(ctx.scale)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            if factor is None:
+            if keep is None:
                 grad_x = (grad @ weight).addmm_(grad_hidden, lora_a)
             else:
-                grad_x = (grad @ weight).add_((grad_hidden @ lora_a).mul_(factor))
+                grad_x = (grad @ weight).addcmul_(grad_hidden @ lora_a, keep, value=ctx.scale)
             grad_x = grad_x.view(ctx.x_shape)
         return grad_x, None, None, grad_a, grad_b, None, None
 

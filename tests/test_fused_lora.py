@@ -76,7 +76,11 @@ def test_keep_mask_keeps_one_minus_p_and_scales_to_an_exact_mean() -> None:
     kept = keep.float().mean().item()
     # 1e6 Bernoulli(0.9) draws: the standard deviation of the mean is 3e-4.
     assert abs(kept - 0.9) < 1.5e-3
-    assert scale == pytest.approx(1 / 0.9, rel=1e-9)
+    # p is drawn to 16 bits: 6554 / 2**16 = 0.100006, and survivors are scaled by exactly its inverse.
+    assert scale == pytest.approx(1 / (1 - 6554 / 2**16), rel=1e-12)
+    assert scale == pytest.approx(1 / 0.9, rel=1e-4)
+    odd, _ = keep_mask(torch.Size([7, 5]), 0.5, seed=7)  # a count that is not a multiple of 4 words
+    assert odd.shape == (7, 5) and 0 < int(odd.sum()) < 35
     other, _ = keep_mask(torch.Size([1000, 1000]), 0.1, seed=8)
     assert (keep != other).any()
     same, _ = keep_mask(torch.Size([1000, 1000]), 0.1, seed=7)
