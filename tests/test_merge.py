@@ -410,6 +410,27 @@ def test_combining_refuses_before_loading_the_base(two_adapters: dict[str, Path]
         combine_adapters(inputs, [0.5, 0.5], "svd", None, None, 0, tmp_path / "x")
 
 
+def test_an_inline_chat_template_ships_with_the_merged_tokenizer(runs: dict[str, Path], tmp_path: Path) -> None:
+    """data.chat_template may be Jinja itself, not a built-in's name: the merged tokenizer renders with it."""
+    from transformers import AutoTokenizer
+
+    from peftrun.outputs import RESOLVED_RECIPE
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["lora"], run)
+    inline = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    recipe = yaml.safe_load((run / RESOLVED_RECIPE).read_text())
+    recipe["data"]["chat_template"] = inline
+    (run / RESOLVED_RECIPE).write_text(yaml.safe_dump(recipe))
+    inputs = inputs_for(str(run), None)
+    assert inputs.chat_template == inline
+    merged = merge(inputs, tmp_path / "merged", MergeOptions(check="light")).out_dir
+    rendered = AutoTokenizer.from_pretrained(merged).apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False
+    )
+    assert rendered == "<user>hi\n"
+
+
 # ---- user mistakes -------------------------------------------------------------------------------------------
 
 

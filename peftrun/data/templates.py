@@ -16,6 +16,7 @@ __all__ = [
     "PROMPT_RENDERERS",
     "render_alpaca_prompt",
     "render_plain_prompt",
+    "recipe_chat_template",
     "resolve_chat_template",
 ]
 
@@ -84,6 +85,18 @@ def _tokenizer_template(tokenizer: Any) -> str | None:
     return template or None
 
 
+def recipe_chat_template(name: str) -> str:
+    """The Jinja that `data.chat_template` stands for: the value itself when it is Jinja, else a built-in's."""
+    if "{{" in name or "{%" in name:
+        return name
+    if name not in CHAT_TEMPLATES:
+        raise UserError(
+            f"data.chat_template: unknown template '{name}'{did_you_mean(name, CHAT_TEMPLATES)} "
+            f"(built-in: {', '.join(CHAT_TEMPLATES)})"
+        )
+    return CHAT_TEMPLATES[name]
+
+
 def resolve_chat_template(tokenizer: Any, name: str | None) -> str:
     """The Jinja chat template to render with: the built-in `name` when given, else the tokenizer's own.
 
@@ -91,14 +104,7 @@ def resolve_chat_template(tokenizer: Any, name: str | None) -> str:
     live in the recipe without editing the tokenizer's files.
     """
     if name is not None:
-        if "{{" in name or "{%" in name:
-            return name
-        if name not in CHAT_TEMPLATES:
-            raise UserError(
-                f"data.chat_template: unknown template '{name}'{did_you_mean(name, CHAT_TEMPLATES)} "
-                f"(built-in: {', '.join(CHAT_TEMPLATES)})"
-            )
-        return CHAT_TEMPLATES[name]
+        return recipe_chat_template(name)
     template = _tokenizer_template(tokenizer)
     if template is None:
         raise UserError(

@@ -39,7 +39,7 @@ def write_model_files(inputs: MergeInputs, out_dir: Path, dtype: torch.dtype) ->
         inputs.tokenizer_source, trust_remote_code=inputs.trust_remote_code
     )
     if inputs.chat_template:
-        # The run rendered chats with a built-in template; inference must render them the same way.
+        # The run rendered chats with the recipe's template; inference must render them the same way.
         tokenizer.chat_template = inputs.chat_template
     tokenizer.save_pretrained(out_dir)
     generation_config(inputs.base_dir, config, tokenizer).save_pretrained(out_dir)

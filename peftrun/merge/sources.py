@@ -32,7 +32,7 @@ class MergeInputs:
     base_dtype: str  # the dtype the adapter was trained on (recipe's model.dtype, or the base's own)
     quantization: QuantizationConfig | None  # QLoRA: the 4-bit base the adapter was trained on
     tokenizer_source: Path  # the tokenizer shipped with the merged model
-    chat_template: str | None  # a built-in template the run rendered chats with, when the tokenizer has none
+    chat_template: str | None  # the recipe's template (built-in or inline Jinja) the run rendered chats with
     trust_remote_code: bool = False
     labels: list[str] | None = None  # classifiers: the class names of the head the run trained
 
@@ -80,9 +80,9 @@ def inputs_from_run(run_dir: Path) -> MergeInputs:
     read_adapter_config(final)
     chat_template = None
     if recipe.data.format == "chat" and recipe.data.chat_template:
-        from peftrun.data.templates import CHAT_TEMPLATES
+        from peftrun.data.templates import recipe_chat_template
 
-        chat_template = CHAT_TEMPLATES[recipe.data.chat_template]
+        chat_template = recipe_chat_template(recipe.data.chat_template)
     return MergeInputs(
         adapter_dir=final,
         base=recipe.model.name_or_path,
