@@ -51,9 +51,13 @@ class LoadedRun:
             update={"path": path, "val_path": None, "val_fraction": 0.0, "max_samples": None}
         )
 
+    @property
+    def batch_size(self) -> int:
+        """Rows per forward when evaluating or predicting: eval.batch_size, else the training micro-batch."""
+        return self.recipe.eval.batch_size or self.recipe.train.micro_batch_size
+
     def loader(self, dataset: Any, collate: Any) -> Any:
-        batch_size = self.recipe.eval.batch_size or self.recipe.train.micro_batch_size
-        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+        return torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, collate_fn=collate)
 
 
 def _check_file(path: str) -> None:
@@ -118,11 +122,8 @@ def predict_run(run_dir: str | Path, data_path: str, out_path: str | Path) -> in
     if run.task.classifier:
         collate = run.task.collator(run.processor, cfg, False, run.recipe.train.seed)
         names = cfg.labels or []
-        for start in range(0, len(data.train), run.recipe.train.micro_batch_size):
-            samples = [
-                data.train[i]
-                for i in range(start, min(start + run.recipe.train.micro_batch_size, len(data.train)))
-            ]
+        for start in range(0, len(data.train), run.batch_size):
+            samples = [data.train[i] for i in range(start, min(start + run.batch_size, len(data.train)))]
             probs = forward_logits(run.model, collate(samples)).float().softmax(-1)
             for sample, p in zip(samples, probs.tolist(), strict=True):
                 best = max(range(len(p)), key=p.__getitem__)

@@ -11,7 +11,7 @@ from peftrun.errors import OptionError, UserError
 from peftrun.hub import require_local_or_reachable
 from peftrun.methods import apply_method, count_parameters, hold_frozen_norms_in_eval
 from peftrun.recipe.schema import ModelConfig, QuantizationConfig, Recipe
-from peftrun.tasks import TASKS
+from peftrun.tasks import CLASSIFIER_HEADS, TASKS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -63,12 +63,19 @@ def _load_preprocessor(cfg: ModelConfig, auto_class: str, what: str) -> Any:
         raise UserError(f"{key}: cannot load {what} from '{source}': {_first_line(exc)}") from None
 
 
-def bitsandbytes_config(quant: QuantizationConfig, model_dtype: str) -> Any:
+def bitsandbytes_config(quant: QuantizationConfig, model_dtype: str, keep: tuple[str, ...] = ()) -> Any:
+    """transformers' quantization settings; modules named in `keep` stay unquantized.
+
+    A classifier's head is new (not in the checkpoint), so bitsandbytes would wrap it without ever
+    quantizing it and fail at its first forward; it is trained in full precision anyway.
+    """
     from transformers import BitsAndBytesConfig
 
+    skip = {"llm_int8_skip_modules": list(keep)} if keep else {}
     if quant.bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, **skip)
     return BitsAndBytesConfig(
+        **skip,
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.quant_type,
         bnb_4bit_use_double_quant=quant.double_quant,
@@ -139,7 +146,8 @@ def _load_weights(cfg: ModelConfig, model_class: Any, device_map: Any, labels: l
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.quantization is not None:
-        kwargs["quantization_config"] = bitsandbytes_config(cfg.quantization, cfg.dtype)
+        heads = CLASSIFIER_HEADS if labels is not None else ()
+        kwargs["quantization_config"] = bitsandbytes_config(cfg.quantization, cfg.dtype, keep=heads)
         from transformers.integrations import is_deepspeed_zero3_enabled
 
         if not is_deepspeed_zero3_enabled():  # ZeRO-3 places (and splits) the weights itself

@@ -410,7 +410,9 @@ def test_combining_refuses_before_loading_the_base(two_adapters: dict[str, Path]
         combine_adapters(inputs, [0.5, 0.5], "svd", None, None, 0, tmp_path / "x")
 
 
-def test_an_inline_chat_template_ships_with_the_merged_tokenizer(runs: dict[str, Path], tmp_path: Path) -> None:
+def test_an_inline_chat_template_ships_with_the_merged_tokenizer(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
     """data.chat_template may be Jinja itself, not a built-in's name: the merged tokenizer renders with it."""
     from transformers import AutoTokenizer
 

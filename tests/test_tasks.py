@@ -471,17 +471,20 @@ def test_causal_lm_head_on_supervised_positions_only_gives_the_same_loss_and_gra
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
 def test_merged_classifier_loads_with_transformers_and_predicts_the_same_labels(
-    bert_recipe: Any, tmp_path: Path
+    bert_recipe: Any, tmp_path: Path, quantized: bool
 ) -> None:
-    """`peftrun merge` of a LoRA classifier run: a plain AutoModelForSequenceClassification checkpoint
-    with the label names, whose predictions equal the adapter model's."""
+    """`peftrun merge` of a LoRA (or QLoRA: its verdict loads the 4-bit base with the run's head) classifier
+    run: a plain AutoModelForSequenceClassification checkpoint with the label names, whose predictions
+    equal the adapter model's."""
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from peftrun.model import load_base
 
-    result = run(bert_recipe(), f"output_dir={tmp_path / 'cls'}", "train.max_steps=6")
+    overrides = ["model.quantization.bits=4", "model.quantization.compute_dtype=fp32"] if quantized else []
+    result = run(bert_recipe(), f"output_dir={tmp_path / 'cls'}", "train.max_steps=6", *overrides)
     assert result.final_dir is not None
     merged_dir = tmp_path / "merged"
     assert main(["merge", str(result.output_dir), "--out", str(merged_dir)]) == 0

@@ -14,9 +14,9 @@ from peftrun.errors import UserError, did_you_mean
 __all__ = [
     "CHAT_TEMPLATES",
     "PROMPT_RENDERERS",
+    "recipe_chat_template",
     "render_alpaca_prompt",
     "render_plain_prompt",
-    "recipe_chat_template",
     "resolve_chat_template",
 ]
 

@@ -192,27 +192,22 @@ def peft_merge(
 
 
 def load_base(inputs: MergeInputs, dtype: torch.dtype, quantized: bool = False) -> Any:
-    if quantized and inputs.quantization is not None:
-        from peftrun.model import load_model
-        from peftrun.recipe.schema import ModelConfig
-
-        cfg = ModelConfig(
-            name_or_path=str(inputs.base_dir),
-            dtype=inputs.base_dtype,
-            quantization=inputs.quantization,
-            trust_remote_code=inputs.trust_remote_code,
+    """The base the adapter goes on (`quantized`: in the 4-bit form a QLoRA run trained on)."""
+    quantize = quantized and inputs.quantization is not None
+    if not quantize and inputs.labels is None:
+        return inputs.task.model_class().from_pretrained(
+            inputs.base_dir, dtype=dtype, trust_remote_code=inputs.trust_remote_code
         )
-        return load_model(cfg, _task_name(inputs))
-    if inputs.labels is not None:
-        from peftrun.model import load_model
-        from peftrun.recipe.schema import ModelConfig
+    from peftrun.model import load_model
+    from peftrun.recipe.schema import ModelConfig
 
-        # peftrun's loader builds the head the run trained from (its size, names, seeded init).
-        cfg = ModelConfig(name_or_path=str(inputs.base_dir), trust_remote_code=inputs.trust_remote_code)
-        return load_model(cfg, _task_name(inputs), labels=inputs.labels).to(dtype)
-    return inputs.task.model_class().from_pretrained(
-        inputs.base_dir, dtype=dtype, trust_remote_code=inputs.trust_remote_code
-    )
+    # peftrun's loader quantizes as training did and builds the head the run trained from (its size,
+    # names, seeded init).
+    cfg = ModelConfig(name_or_path=str(inputs.base_dir), trust_remote_code=inputs.trust_remote_code)
+    if quantize:
+        cfg = cfg.model_copy(update={"dtype": inputs.base_dtype, "quantization": inputs.quantization})
+    model = load_model(cfg, _task_name(inputs), labels=inputs.labels)
+    return model if quantize else model.to(dtype)
 
 
 def judge(
