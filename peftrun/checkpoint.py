@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from peftrun.dist import checkpoint_load_kwargs, checkpoint_save_kwargs, is_deepspeed
 from peftrun.errors import UserError
+from peftrun.staging import publish
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -122,9 +123,7 @@ def save_checkpoint(accelerator: Any, output_dir: Path, state: TrainerState, kee
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
         _fsync_tree(tmp)
-        if final.exists():  # a re-save of the same step (e.g. signal right after a periodic save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        publish(tmp, final)  # over a same-step checkpoint when a signal comes right after a periodic save
         for old in complete_checkpoints(output_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

@@ -175,7 +175,7 @@ def gathered_model(accelerator: Any, model: Any, recipe: Recipe, probe_batch: di
     from transformers.integrations import unset_hf_deepspeed_config
 
     from peftrun.model import DTYPES, load_base, make_trainable
-    from peftrun.verify import logit_tolerance, logits_on
+    from peftrun.verify import logit_diff, logit_tolerance, logits_on
 
     state_dict = accelerator.get_state_dict(model)  # full tensors on the main process only
     trained_logits = logits_on(model, probe_batch)  # every process runs its part of the forward
@@ -198,7 +198,8 @@ def gathered_model(accelerator: Any, model: Any, recipe: Recipe, probe_batch: di
     compute_dtype = DTYPES[recipe.model.dtype] if recipe.train.mixed_precision == "no" else torch.bfloat16
     tolerance = logit_tolerance(compute_dtype, recipe.model.quantization is not None)
     got = logits_on(plain, probe_batch)
-    diff = float((got - trained_logits).abs().max()) / max(1.0, float(trained_logits.abs().max()))
+    names = ("the weights gathered from the ZeRO-3 shards", "the trained model")
+    diff = logit_diff(trained_logits, got, names, UserError).max_rel
     if not diff <= tolerance:
         raise UserError(
             f"the weights gathered from the ZeRO-3 shards give logits {diff:.2e} away from the trained "

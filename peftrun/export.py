@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from peftrun.errors import UserError
-from peftrun.merge import MergeOptions, merge, publish
+from peftrun.merge import MergeOptions, merge
+from peftrun.merge.files import TOKENIZER_FILES
 from peftrun.merge.sources import (
     ADAPTER_CONFIG,
     MergeInputs,
@@ -24,16 +25,10 @@ from peftrun.merge.sources import (
     inputs_from_run,
     is_run_dir,
 )
+from peftrun.staging import staged_dir
 from peftrun.verify import ADAPTER_WEIGHTS
 
 FORMATS = ("adapter", "merged")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "tokenizer.model",
-)
 
 
 def inputs_for(source: str, base: str | None) -> MergeInputs:
@@ -57,17 +52,12 @@ def export_adapter(inputs: MergeInputs, out_dir: Path, overwrite: bool = False) 
     config["inference_mode"] = True
     config["target_modules"] = short_target_modules(config.get("target_modules"), inputs)
     out_dir = out_dir.resolve()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as tmp:
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
         shutil.copy(inputs.adapter_dir / ADAPTER_WEIGHTS, tmp / ADAPTER_WEIGHTS)
         for name in TOKENIZER_FILES:
             if (inputs.tokenizer_source / name).is_file():
                 shutil.copy(inputs.tokenizer_source / name, tmp / name)
-        publish(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

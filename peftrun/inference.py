@@ -9,9 +9,6 @@ and read FILE with the same readers and checks as training. Evaluation is the tr
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +17,7 @@ import torch
 from peftrun.errors import UserError
 from peftrun.outputs import RESOLVED_RECIPE
 from peftrun.recipe.schema import DataConfig, Recipe
+from peftrun.staging import staged_dir, staged_file
 from peftrun.tasks import TASKS, Task, forward_logits, model_inputs
 
 METRICS_JSON = "metrics.json"
@@ -87,9 +85,7 @@ def evaluate_run(
     result = {"data": str(Path(data_path).resolve()), "samples": len(data.train), **result}
 
     out = Path(out_dir) if out_dir is not None else run.run_dir / "eval" / Path(data_path).name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         (tmp / METRICS_JSON).write_text(json.dumps(result, indent=1))
         if run.task.classifier:
             from peftrun.metrics import plot_confusion_matrix
@@ -97,10 +93,6 @@ def evaluate_run(
             plot_confusion_matrix(
                 result["confusion_matrix"], cfg.labels or [], tmp / CONFUSION_PNG, f"{Path(data_path).name}"
             )
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out, result
 
 
@@ -137,12 +129,8 @@ def predict_run(run_dir: str | Path, data_path: str, out_path: str | Path) -> in
                 )
     else:
         records = _fill_masks(run, data.train)
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{out.name}-", dir=out.parent)
-    with os.fdopen(handle, "w") as file:
-        file.writelines(json.dumps(r) + "\n" for r in records)
-    os.replace(tmp, out)
+    with staged_file(Path(out_path)) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
     return len(records)
 
 

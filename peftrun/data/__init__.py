@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -27,6 +24,7 @@ from peftrun.data.sources import check_file, check_source, column_map, digest_fi
 from peftrun.data.templates import resolve_chat_template
 from peftrun.data.tokenize import IGNORE_INDEX, Sample, SampleEncoder, TokenizeStats, supervised_count
 from peftrun.errors import UserError
+from peftrun.staging import staged_dir
 
 if TYPE_CHECKING:
     import datasets
@@ -191,22 +189,13 @@ def _no_progress_bars() -> Iterator[None]:
 
 def _save_cached(entry: Path, data: TokenizedData) -> None:
     """Write the entry in a temporary sibling and rename it into place, so it is complete or absent."""
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
-    try:
+    # A concurrent run may write the same entry first: it holds the same tokens.
+    with staged_dir(entry, is_complete=lambda e: (e / "report.json").is_file()) as tmp:
         with _no_progress_bars():
             data.train.save_to_disk(str(tmp / "train"))
             if data.eval is not None:
                 data.eval.save_to_disk(str(tmp / "eval"))
         (tmp / "report.json").write_text(json.dumps(asdict(data.report), indent=1))
-        try:
-            os.replace(tmp, entry)
-        except OSError:
-            # A concurrent run wrote the same entry first; it holds the same tokens.
-            if not (entry / "report.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # -------------------------------------------------------------------------------------------- prepare

@@ -8,8 +8,6 @@ tokenizer; compare with base + adapter through peft; publish by renaming the tem
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ from peftrun.merge.verdict import (
     probe_logits,
 )
 from peftrun.model import DTYPES
+from peftrun.staging import staged_dir
 from peftrun.verify import ADAPTER_WEIGHTS, logit_tolerance
 
 CHECKS = ("full", "light")
@@ -100,10 +99,7 @@ def merge(
         merge_plan = "checkpoints whose tensor names differ from the model's module names"
 
     out_dir = out_dir.resolve()
-    tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_dir(out_dir) as tmp:
         if isinstance(merge_plan, MergePlan) and weight_map is not None:
             say(
                 f"[peftrun] merging {merge_plan.describe()} into {inputs.base} shard by shard "
@@ -128,9 +124,6 @@ def merge(
             raise UserError(
                 f"the merged checkpoint failed verification and was not published: {exc}"
             ) from None
-        publish(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     for note in [*notes, *verdict.notes]:
         say(f"[peftrun] {note}")
     say(f"[peftrun] {verdict.line()}")
@@ -276,15 +269,6 @@ def judge(
     if check == "light":
         verdict.notes.append("light check needs a streamed LoRA merge; ran the full logits verdict instead")
     return verdict.check()
-
-
-def publish(tmp: Path, out_dir: Path) -> None:
-    """Replace out_dir by the finished tmp directory; a previous output survives until the new one is whole."""
-    old = out_dir.parent / f".old-{out_dir.name}-{os.getpid()}"
-    if out_dir.exists():
-        out_dir.replace(old)
-    tmp.replace(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _task_name(inputs: MergeInputs) -> str:

@@ -12,7 +12,15 @@ import torch
 
 from peftrun.merge.sources import MergeInputs
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+# What a saved tokenizer consists of; the first three are the ones it can be loaded from.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+TOKENIZER_LOADABLE_FROM = TOKENIZER_FILES[:3]
 
 
 def write_model_files(inputs: MergeInputs, out_dir: Path, dtype: torch.dtype) -> list[str]:
@@ -32,7 +40,7 @@ def write_model_files(inputs: MergeInputs, out_dir: Path, dtype: torch.dtype) ->
     config.save_pretrained(out_dir)
     for code in inputs.base_dir.glob("*.py"):
         shutil.copy(code, out_dir / code.name)
-    if not any((inputs.tokenizer_source / name).is_file() for name in TOKENIZER_FILES):
+    if not any((inputs.tokenizer_source / name).is_file() for name in TOKENIZER_LOADABLE_FROM):
         generation_config(inputs.base_dir, config, None).save_pretrained(out_dir)
         return [f"no tokenizer in {inputs.tokenizer_source}: the merged checkpoint ships without one"]
     tokenizer = AutoTokenizer.from_pretrained(

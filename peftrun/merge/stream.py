@@ -37,7 +37,8 @@ SAFETENSORS_ITEMSIZE = {
 
 
 def base_weight_map(base_dir: Path) -> dict[str, str] | None:
-    """Weight name -> safetensors file of the base; None when the base has no safetensors weights."""
+    """Weight name -> safetensors file of a checkpoint (the base, or a merged one read back); None
+    when it has no safetensors weights."""
     index = base_dir / SAFE_INDEX
     if index.is_file():
         weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]

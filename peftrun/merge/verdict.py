@@ -9,7 +9,6 @@ forward on the base weight, every replaced weight, a sample of untouched tensors
 from __future__ import annotations
 
 import gc
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +18,8 @@ import torch
 from safetensors import safe_open
 
 from peftrun.merge.lora import LoraUpdate, MergePlan
-from peftrun.merge.stream import SAFE_INDEX, SAFE_SINGLE
-from peftrun.verify import logits_on
+from peftrun.merge.stream import base_weight_map
+from peftrun.verify import logit_diff, logits_on
 
 LIGHT_SAMPLE = 8  # merged layers (and untouched tensors) checked by the light verdict
 LIGHT_ROWS = 256  # rows of each sampled untouched tensor compared
@@ -72,12 +71,8 @@ def probe_logits(load: Callable[[], Any], vocab_size: int) -> torch.Tensor:
 def compare_logits(expected: torch.Tensor, got: torch.Tensor, tolerance: float, label: str) -> Verdict:
     """The merged model's probe logits (`got`) against the reference's; padding positions are zero in
     both (see verify.logits_on)."""
-    if got.shape != expected.shape:
-        raise MergeVerificationError(
-            f"the merged model gives logits of shape {tuple(got.shape)}, {label} {tuple(expected.shape)}"
-        )
-    max_abs = float((got - expected).abs().max())
-    return Verdict("logits", max_abs, max_abs / max(1.0, float(expected.abs().max())), tolerance, label)
+    diff = logit_diff(expected, got, ("the merged model", label), MergeVerificationError)
+    return Verdict("logits", diff.max_abs, diff.max_rel, tolerance, label)
 
 
 def _logits_then_free(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -91,14 +86,8 @@ class MergedFiles:
     """Read tensors back from a written checkpoint, one at a time."""
 
     def __init__(self, directory: Path) -> None:
-        index = directory / SAFE_INDEX
         self.directory = directory
-        self.weight_map: dict[str, str] = (
-            json.loads(index.read_text())["weight_map"] if index.is_file() else {}
-        )
-        if not self.weight_map:
-            with safe_open(directory / SAFE_SINGLE, framework="pt") as handle:
-                self.weight_map = dict.fromkeys(handle.keys(), SAFE_SINGLE)
+        self.weight_map: dict[str, str] = base_weight_map(directory) or {}
 
     def get(self, name: str) -> torch.Tensor:
         with safe_open(self.directory / self.weight_map[name], framework="pt") as handle:
