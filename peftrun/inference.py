@@ -136,7 +136,7 @@ def predict_run(run_dir: str | Path, data_path: str, out_path: str | Path) -> in
 
 def _fill_masks(run: LoadedRun, dataset: Any) -> list[dict[str, Any]]:
     from peftrun.data import pad_id_for
-    from peftrun.data.encoder_text import pad
+    from peftrun.data.tokenize import pad
 
     tokenizer = run.processor
     records = []

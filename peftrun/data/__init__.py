@@ -22,7 +22,15 @@ from typing import TYPE_CHECKING, Any
 from peftrun.data.rows import split_held_out
 from peftrun.data.sources import check_file, check_source, column_map, digest_file, is_hub_id, read_rows
 from peftrun.data.templates import resolve_chat_template
-from peftrun.data.tokenize import IGNORE_INDEX, Sample, SampleEncoder, TokenizeStats, supervised_count
+from peftrun.data.tokenize import (
+    IGNORE_INDEX,
+    Sample,
+    SampleEncoder,
+    TokenizeStats,
+    attention_mask,
+    pad,
+    supervised_count,
+)
 from peftrun.errors import UserError
 from peftrun.staging import staged_dir
 
@@ -110,20 +118,14 @@ def pad_id_for(tokenizer: Any) -> int:
 
 def collate(samples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad samples into input_ids, attention_mask and labels (IGNORE_INDEX on padding)."""
-    import torch
-
     if not samples:
         raise ValueError("collate needs at least one sample")
-    longest = max(len(sample["input_ids"]) for sample in samples)
-    input_ids = torch.full((len(samples), longest), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(samples), longest), dtype=torch.long)
-    labels = torch.full((len(samples), longest), IGNORE_INDEX, dtype=torch.long)
-    for i, sample in enumerate(samples):
-        length = len(sample["input_ids"])
-        input_ids[i, :length] = torch.as_tensor(sample["input_ids"], dtype=torch.long)
-        attention_mask[i, :length] = 1
-        labels[i, :length] = torch.as_tensor(sample["labels"], dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    ids = [sample["input_ids"] for sample in samples]
+    return {
+        "input_ids": pad(ids, pad_id),
+        "attention_mask": attention_mask(ids),
+        "labels": pad([sample["labels"] for sample in samples], IGNORE_INDEX),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- cache

@@ -26,7 +26,7 @@ from peftrun.data.rows import (
     read_split,
     resolve_labels,
 )
-from peftrun.data.tokenize import IGNORE_INDEX
+from peftrun.data.tokenize import IGNORE_INDEX, attention_mask, pad
 from peftrun.errors import UserError
 
 if TYPE_CHECKING:
@@ -119,27 +119,13 @@ def _require_samples(cfg: DataConfig, train: Any, held_out: Any, report: SampleR
 # ---- batching ----------------------------------------------------------------------------------------------
 
 
-def pad(sequences: Sequence[Sequence[int]], value: int) -> torch.Tensor:
-    import torch
-
-    longest = max(len(s) for s in sequences)
-    out = torch.full((len(sequences), longest), value, dtype=torch.long)
-    for i, sequence in enumerate(sequences):
-        out[i, : len(sequence)] = torch.as_tensor(sequence, dtype=torch.long)
-    return out
-
-
-def _attention_mask(samples: Sequence[dict[str, Any]]) -> torch.Tensor:
-    return pad([[1] * len(s["input_ids"]) for s in samples], 0)
-
-
 def collate_classification(samples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded input_ids and attention_mask; `labels` (one class id per sample) when known."""
     import torch
 
     batch = {
         "input_ids": pad([s["input_ids"] for s in samples], pad_id),
-        "attention_mask": _attention_mask(samples),
+        "attention_mask": attention_mask([s["input_ids"] for s in samples]),
     }
     if all(s["label"] >= 0 for s in samples):
         batch["labels"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
@@ -169,6 +155,6 @@ class MaskingCollator:
         masked = [self.mask(s["input_ids"]) for s in samples]
         return {
             "input_ids": pad([inputs for inputs, _ in masked], self.pad_id),
-            "attention_mask": _attention_mask(samples),
+            "attention_mask": attention_mask([s["input_ids"] for s in samples]),
             "labels": pad([labels for _, labels in masked], IGNORE_INDEX),
         }

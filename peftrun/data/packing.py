@@ -20,7 +20,7 @@ import bisect
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from peftrun.data.tokenize import IGNORE_INDEX
+from peftrun.data.tokenize import IGNORE_INDEX, pad
 
 if TYPE_CHECKING:
     import datasets
@@ -82,15 +82,12 @@ def collate_packed(rows: Sequence[dict[str, Any]], pad_id: int) -> dict[str, tor
 
     if not rows:
         raise ValueError("collate_packed needs at least one row")
-    longest = max(len(row["input_ids"]) for row in rows)
-    input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
-    position_ids = torch.arange(longest).repeat(len(rows), 1)
-    for i, row in enumerate(rows):
-        length = len(row["input_ids"])
-        input_ids[i, :length] = torch.as_tensor(row["input_ids"], dtype=torch.long)
-        labels[i, :length] = torch.as_tensor(row["labels"], dtype=torch.long)
-        position_ids[i, :length] = torch.as_tensor(row["position_ids"], dtype=torch.long)
-        position_ids[i, length:] = torch.arange(longest - length)
-    num_tokens = torch.tensor([len(row["input_ids"]) for row in rows])
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "num_tokens": num_tokens}
+    input_ids = pad([row["input_ids"] for row in rows], pad_id)
+    longest = input_ids.shape[1]
+    position_ids = pad([[*row["position_ids"], *range(longest - len(row["input_ids"]))] for row in rows], 0)
+    return {
+        "input_ids": input_ids,
+        "labels": pad([row["labels"] for row in rows], IGNORE_INDEX),
+        "position_ids": position_ids,
+        "num_tokens": torch.tensor([len(row["input_ids"]) for row in rows]),
+    }

@@ -23,6 +23,8 @@ from peftrun.data.templates import PROMPT_RENDERERS
 from peftrun.errors import UserError
 
 if TYPE_CHECKING:
+    import torch
+
     from peftrun.recipe.schema import DataConfig
 
 __all__ = [
@@ -32,7 +34,9 @@ __all__ = [
     "Segment",
     "TokenizeStats",
     "alpaca_segments",
+    "attention_mask",
     "chat_segments",
+    "pad",
     "supervised_count",
     "text_segments",
 ]
@@ -266,3 +270,22 @@ class SampleEncoder:
                 stats.total_tokens += len(sample.input_ids)
                 stats.supervised_tokens += supervised_count(sample.labels)
         return samples, stats
+
+
+# ---- batches ------------------------------------------------------------------------------------------
+
+
+def pad(sequences: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+    """Right-pad id lists into one [batch, longest] long tensor."""
+    import torch
+
+    longest = max(len(s) for s in sequences)
+    out = torch.full((len(sequences), longest), value, dtype=torch.long)
+    for i, sequence in enumerate(sequences):
+        out[i, : len(sequence)] = torch.as_tensor(sequence, dtype=torch.long)
+    return out
+
+
+def attention_mask(sequences: Sequence[Sequence[int]]) -> torch.Tensor:
+    """1 on each sequence's tokens, 0 on the padding `pad` adds."""
+    return pad([[1] * len(s) for s in sequences], 0)
