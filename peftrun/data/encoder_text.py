@@ -14,12 +14,13 @@ and the evaluation loss is measured on the same masks every time.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from peftrun.data.rows import (
     Row,
     SampleReport,
+    SplitRows,
     TaskData,
     class_counts,
     label_ids,
@@ -42,25 +43,26 @@ def _encode(
     texts = [row.fields["text"] for row in rows]
     if not texts:
         return [], []
-    full = tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
-    cut = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=cfg.max_seq_len)["input_ids"]
-    kept_ids, kept_rows = [], []
-    for row, whole, truncated in zip(rows, full, cut, strict=True):
-        if len(whole) <= cfg.max_seq_len:
-            kept_ids.append(list(whole))
-        elif cfg.overlong == "error":
-            raise UserError(
-                f"{row.source}: row {row.number}: sample is {len(whole)} tokens, longer than "
-                f"data.max_seq_len={cfg.max_seq_len}; raise it, or set data.overlong to truncate or drop"
-            )
-        elif cfg.overlong == "drop":
-            report.dropped_overlong += 1
-            continue
-        else:
-            report.truncated += 1
-            kept_ids.append(list(truncated))
-        kept_rows.append(row)
-    return kept_ids, kept_rows
+    ids: list[list[int]] = tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]
+    overlong = [i for i, whole in enumerate(ids) if len(whole) > cfg.max_seq_len]
+    if overlong and cfg.overlong == "error":
+        row, length = rows[overlong[0]], len(ids[overlong[0]])
+        raise UserError(
+            f"{row.source}: row {row.number}: sample is {length} tokens, longer than "
+            f"data.max_seq_len={cfg.max_seq_len}; raise it, or set data.overlong to truncate or drop"
+        )
+    if overlong and cfg.overlong == "truncate":
+        # The tokenizer truncates (it knows where its special tokens go); only the rows that need it.
+        cut = tokenizer(
+            [texts[i] for i in overlong], add_special_tokens=True, truncation=True, max_length=cfg.max_seq_len
+        )["input_ids"]
+        for i, truncated in zip(overlong, cut, strict=True):
+            ids[i] = truncated
+        report.truncated += len(overlong)
+    dropped = set(overlong) if cfg.overlong == "drop" else set()
+    report.dropped_overlong += len(dropped)
+    kept = [i for i in range(len(rows)) if i not in dropped]
+    return [list(ids[i]) for i in kept], [rows[i] for i in kept]
 
 
 def _dataset(columns: dict[str, list[Any]]) -> Any:
@@ -69,25 +71,42 @@ def _dataset(columns: dict[str, list[Any]]) -> Any:
     return datasets.Dataset.from_dict(columns)
 
 
+def _encode_split(
+    split: SplitRows,
+    tokenizer: Any,
+    cfg: DataConfig,
+    columns: Callable[[list[list[int]], list[Row]], dict[str, list[Any]]],
+) -> tuple[Any, Any, SampleReport]:
+    """Both parts of a split as datasets: input_ids, the row numbers, and what `columns` adds."""
+    report = SampleReport(split.rows, 0, 0)
+
+    def build(rows: list[Row]) -> Any:
+        ids, kept = _encode(rows, tokenizer, cfg, report)
+        return _dataset({"input_ids": ids, **columns(ids, kept), "row": [r.number for r in kept]})
+
+    train = build(split.train)
+    held_out = build(split.eval) if split.eval is not None else None
+    report.train_samples, report.eval_samples = len(train), len(held_out) if held_out is not None else 0
+    if len(train) == 0:
+        raise UserError(f"{cfg.path}: no training samples left ({'; '.join(report.lines()[:2])})")
+    if held_out is not None and len(held_out) == 0:
+        raise UserError(f"{cfg.val_path or cfg.path}: no evaluation samples left")
+    return train, held_out, report
+
+
 def prepare_text_classification(
     cfg: DataConfig, tokenizer: Any, seed: int, labelled: bool = True
 ) -> TaskData:
     """input_ids and a class id per sample; label names from data.labels or the training rows."""
     split = read_split(cfg, seed, labelled)
     names = resolve_labels(split, cfg) if labelled else list(cfg.labels or [])
-    report = SampleReport(split.rows, 0, 0)
 
-    def build(rows: list[Row]) -> Any:
-        ids, kept = _encode(rows, tokenizer, cfg, report)
-        labels = label_ids(kept, names) if labelled else [-1] * len(kept)
-        return _dataset({"input_ids": ids, "label": labels, "row": [r.number for r in kept]})
+    def labels(ids: list[list[int]], kept: list[Row]) -> dict[str, list[Any]]:
+        return {"label": label_ids(kept, names) if labelled else [-1] * len(kept)}
 
-    train = build(split.train)
-    held_out = build(split.eval) if split.eval is not None else None
-    report.train_samples, report.eval_samples = len(train), len(held_out) if held_out is not None else 0
+    train, held_out, report = _encode_split(split, tokenizer, cfg, labels)
     if labelled:
         report.classes = class_counts(train["label"], names)
-    _require_samples(cfg, train, held_out, report)
     return TaskData(train, held_out, report, names)
 
 
@@ -95,25 +114,8 @@ def prepare_masked_lm(cfg: DataConfig, tokenizer: Any, seed: int, labelled: bool
     """input_ids per sample (raw text, special tokens added); masking happens per batch, see the module doc."""
     if tokenizer.mask_token_id is None:
         raise UserError("model.tokenizer: masked_lm needs a tokenizer with a mask token (e.g. [MASK])")
-    split = read_split(cfg, seed)
-    report = SampleReport(split.rows, 0, 0)
-
-    def build(rows: list[Row]) -> Any:
-        ids, kept = _encode(rows, tokenizer, cfg, report)
-        return _dataset({"input_ids": ids, "row": [r.number for r in kept]})
-
-    train = build(split.train)
-    held_out = build(split.eval) if split.eval is not None else None
-    report.train_samples, report.eval_samples = len(train), len(held_out) if held_out is not None else 0
-    _require_samples(cfg, train, held_out, report)
+    train, held_out, report = _encode_split(read_split(cfg, seed), tokenizer, cfg, lambda ids, kept: {})
     return TaskData(train, held_out, report)
-
-
-def _require_samples(cfg: DataConfig, train: Any, held_out: Any, report: SampleReport) -> None:
-    if len(train) == 0:
-        raise UserError(f"{cfg.path}: no training samples left ({'; '.join(report.lines()[:2])})")
-    if held_out is not None and len(held_out) == 0:
-        raise UserError(f"{cfg.val_path or cfg.path}: no evaluation samples left")
 
 
 # ---- batching ----------------------------------------------------------------------------------------------
