@@ -70,13 +70,15 @@ def causal_lm_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 
 def causal_lm_supervised_loss(model: Any, batch: Batch) -> torch.Tensor:
-    """causal_lm_loss with the LM head run only where a label is supervised.
+    """causal_lm_loss with the LM head (and the last layer's MLP) run only where a label is supervised.
 
     The head is the largest matmul of a small model (hidden x vocabulary per position) and its
     float32 logits the largest activation of any model; prompts and padding need neither. A forward
     pre-hook on the output embeddings hands them only the supervised positions' hidden states, so
-    the model returns logits of shape [supervised tokens, vocabulary]. The call still goes through
-    the model's (and DDP's or DeepSpeed's) own forward, so gradient sync and ZeRO hooks are untouched.
+    the model returns logits of shape [supervised tokens, vocabulary]. The last decoder layer's MLP
+    feeds nothing but the head, position by position, so it runs on the same positions (zeros
+    elsewhere). The call still goes through the model's (and DDP's or DeepSpeed's) own forward, so
+    gradient sync and ZeRO hooks are untouched.
     """
     import torch
     import torch.nn.functional as F
@@ -88,28 +90,72 @@ def causal_lm_supervised_loss(model: Any, batch: Batch) -> torch.Tensor:
     supervised = labels[:, 1:] != IGNORE_INDEX  # position t predicts the label at t + 1
     positions = F.pad(supervised, (0, 1), value=False)
 
-    def keep_supervised(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        hidden = args[0]
+    def read_by_head(hidden: torch.Tensor) -> torch.Tensor:
         # Prompt tuning prepends virtual tokens: they come before the real positions.
-        mask = F.pad(positions, (hidden.shape[1] - positions.shape[1], 0), value=False)
-        return (hidden[mask], *args[1:])
+        return F.pad(positions, (hidden.shape[1] - positions.shape[1], 0), value=False)
 
-    handle = head.register_forward_pre_hook(keep_supervised)
+    def keep_supervised(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (args[0][read_by_head(args[0])], *args[1:])
+
+    handles = [head.register_forward_pre_hook(keep_supervised)]
+    last_mlp = _last_decoder_mlp(model)
+    if last_mlp is not None:
+        handles += _run_only_at(last_mlp, read_by_head)
     try:
         logits = forward_logits(model, batch)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     per_token = F.cross_entropy(logits.float(), labels[:, 1:][supervised], reduction="none")
     rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(supervised)[supervised]
     return per_token.new_zeros(labels.shape[0]).index_add(0, rows, per_token)
 
 
-def _output_embeddings(model: Any) -> Any:
-    """The LM head under any wrappers (DDP and DeepSpeed keep the model in `.module`, peft forwards)."""
+def _unwrapped(model: Any) -> Any:
+    """The model under DDP's and DeepSpeed's wrappers (they keep it in `.module`)."""
     while hasattr(model, "module"):
         model = model.module
-    getter = getattr(model, "get_output_embeddings", None)
+    return model
+
+
+def _output_embeddings(model: Any) -> Any:
+    """The LM head under any wrappers (peft forwards get_output_embeddings to the base model)."""
+    getter = getattr(_unwrapped(model), "get_output_embeddings", None)
     return getter() if getter is not None else None
+
+
+def _last_decoder_mlp(model: Any) -> Any:
+    """The last decoder layer's dense MLP (`layers.N.mlp`, `h.N.mlp`, a class named ...MLP), or None.
+
+    None under gradient checkpointing: backward would recompute the layer without the hooks. Mixture-
+    of-experts blocks are not ...MLP: their routing statistics depend on every position.
+    """
+    import re
+
+    inner = _unwrapped(model)
+    if getattr(inner, "is_gradient_checkpointing", False):
+        return None
+    found, last = None, -1
+    for name, module in inner.named_modules():
+        match = re.search(r"\.(\d+)\.mlp$", name)
+        if match and type(module).__name__.endswith("MLP") and int(match.group(1)) > last:
+            found, last = module, int(match.group(1))
+    return found
+
+
+def _run_only_at(module: Any, where: Callable[[torch.Tensor], torch.Tensor]) -> list[Any]:
+    """Hooks that run a position-wise `module` on the positions `where(input)` selects, zeros elsewhere."""
+    masks: list[torch.Tensor] = []
+
+    def gather(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        masks.append(where(args[0]))
+        return (args[0][masks[-1]], *args[1:])
+
+    def scatter(module: Any, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        mask = masks.pop()
+        return output.new_zeros((*mask.shape, output.shape[-1])).index_put((mask,), output)
+
+    return [module.register_forward_pre_hook(gather), module.register_forward_hook(scatter)]
 
 
 def masked_lm_targets(batch: Batch) -> torch.Tensor:

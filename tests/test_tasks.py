@@ -417,31 +417,43 @@ def test_verification_catches_an_adapter_whose_head_was_not_trained(bert_recipe:
         check_reload(reload_artefact(broken, recipe), intact, batch, 1e-4)
 
 
+LORA_AND_HEAD = {"peft_type": "LORA", "r": 4, "target_modules": "all-linear", "modules_to_save": ["lm_head"]}
+
+
 @pytest.mark.parametrize(
-    "adapter",
+    ("base_name", "adapter", "checkpointing"),
     [
-        {"peft_type": "LORA", "r": 4, "target_modules": "all-linear", "modules_to_save": ["lm_head"]},
-        {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 3},
+        ("tiny_llama", LORA_AND_HEAD, False),
+        ("tiny_llama", {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 3}, False),
+        ("tiny_gpt2", {"peft_type": "LORA", "r": 4, "target_modules": "all-linear"}, False),
+        ("tiny_llama", LORA_AND_HEAD, True),
     ],
-    ids=["lora+head", "prompt_tuning"],
+    ids=["lora+head", "prompt_tuning", "gpt2", "gradient_checkpointing"],
 )
 def test_causal_lm_head_on_supervised_positions_only_gives_the_same_loss_and_gradients(
-    tiny_llama: Path, adapter: dict[str, Any]
+    request: pytest.FixtureRequest, base_name: str, adapter: dict[str, Any], checkpointing: bool
 ) -> None:
-    """The training loss runs the LM head only where labels are supervised (tasks.py); it must equal
-    the loss on the full logits, per sample, with the same gradients, padding and prompts included."""
+    """The training loss runs the LM head and the last layer's MLP only where labels are supervised
+    (tasks.py); it must equal the loss on the full logits, per sample, with the same gradients, padding
+    and prompts included. Under gradient checkpointing the MLP runs everywhere (backward recomputes it)."""
     from peft import get_peft_config, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from peftrun.data import collate
     from peftrun.tasks import TASKS, causal_lm_loss, forward_logits
 
-    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    base = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(base_name))
     base.config.use_cache = False
     config = {"task_type": "CAUSAL_LM", **adapter}
     if adapter["peft_type"] == "LORA":
         config["init_lora_weights"] = False  # B != 0: the adapter changes the logits
     model = get_peft_model(base, get_peft_config(config))
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    for module in model.modules():  # dropout off: the two passes must compute the same function
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
     gen = torch.Generator().manual_seed(0)
     samples = []
     for length, prompt in ((9, 4), (15, 6), (5, 5), (12, 0)):  # one with nothing supervised
@@ -457,13 +469,22 @@ def test_causal_lm_head_on_supervised_positions_only_gives_the_same_loss_and_gra
 
     full, full_grads = loss_and_grads(lambda: causal_lm_loss(forward_logits(model, batch), batch))
     head_outputs: list[tuple[int, ...]] = []
-    spy = model.get_output_embeddings().register_forward_hook(
-        lambda module, args, out: head_outputs.append(tuple(out.shape))
-    )
+    mlp_rows: list[int] = []
+    last_mlp = [m for name, m in model.named_modules() if name.endswith(".mlp")][-1]
+    spies = [
+        model.get_output_embeddings().register_forward_hook(
+            lambda module, args, out: head_outputs.append(tuple(out.shape))
+        ),
+        last_mlp.register_forward_hook(lambda module, args, out: mlp_rows.append(args[0].shape[:-1].numel())),
+    ]
     fast, fast_grads = loss_and_grads(lambda: TASKS["causal_lm"].loss_per_sample(model, batch))
-    spy.remove()
+    for spy in spies:
+        spy.remove()
     supervised = int((batch["labels"][:, 1:] != -100).sum())
     assert head_outputs == [(supervised, base.config.vocab_size)]  # not batch x length x vocabulary
+    virtual = adapter.get("num_virtual_tokens", 0)
+    every_position = batch["input_ids"].numel() + virtual * len(samples)
+    assert mlp_rows[0] == (every_position if checkpointing else supervised)
     assert full[2] == 0 and bool((full[[0, 1, 3]] > 0).all())
     torch.testing.assert_close(fast, full, rtol=1e-6, atol=1e-6)
     assert len(fast_grads) == len(full_grads) > 0
