@@ -25,6 +25,7 @@ from peftrun.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
+from peftrun.cpu_memory import keep_freed_memory
 from peftrun.data.sampling import EpochShuffle, LengthGroupedShuffle
 from peftrun.dist import gathered_model, make_accelerator, prepare_scheduler
 from peftrun.errors import UserError
@@ -76,6 +77,8 @@ def train(recipe: Recipe) -> RunResult:
     stop = StopRequest().install(SCHEDULER_SIGNALS)
     accelerator = make_accelerator(recipe, log_with=list(recipe.logging.report_to))
     say = accelerator.print
+    if recipe.train.cpu_malloc_cache and accelerator.device.type == "cpu":
+        keep_freed_memory()  # each step's activations reuse the process's pages (see cpu_memory.py)
     from accelerate.utils import set_seed
 
     set_seed(recipe.train.seed)

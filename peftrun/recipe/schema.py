@@ -216,6 +216,11 @@ class TrainConfig(Section):
         description="CPU training: plain LoRA linear layers run as one function (fast dropout masks, "
         "LoRA output added in place, no per-layer dropped copies kept); same values and law as peft's.",
     )
+    cpu_malloc_cache: bool = Field(
+        True,
+        description="CPU training on Linux (glibc): freed activation memory stays in the process instead of "
+        "going back to the OS and page-faulting in anew every step (~1.07x a step, ~40 MB more peak RSS).",
+    )
     seed: int = Field(0, description="Seeds weights init of adapters, dropout and data order.")
     resume: str | None = Field(
         None, description="'auto' (newest checkpoint in output_dir, if any) or a checkpoint directory."

@@ -1,0 +1,44 @@
+"""glibc keeps freed blocks in the process once keep_freed_memory() ran (checked in a fresh interpreter)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+PROBE = """
+import ctypes, json, sys
+from peftrun.cpu_memory import keep_freed_memory
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+changed = keep_freed_memory() if sys.argv[1] == "on" else False
+before = libc.mallinfo2().hblkhd  # bytes in blocks that are mappings of their own
+block = libc.malloc(16 << 20)  # an activation-sized block
+mapped = libc.mallinfo2().hblkhd - before
+libc.free(block)
+print(json.dumps({"changed": changed, "mapped": mapped, "kept": libc.mallinfo2().keepcost}))
+"""
+
+
+def _probe(mode: str) -> dict[str, int]:
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True)
+    result: dict[str, int] = json.loads(out.stdout)
+    return result
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_large_blocks_come_from_the_heap_and_stay_after_free() -> None:
+    default, kept = _probe("off"), _probe("on")
+    # glibc's default: a fresh 16 MiB block is its own mapping, unmapped again when freed.
+    assert default["mapped"] >= 16 << 20 and default["kept"] < 16 << 20
+    assert kept["changed"]
+    assert kept["mapped"] == 0 and kept["kept"] >= 16 << 20
