@@ -71,7 +71,8 @@ class _LoraLinearFunction(torch.autograd.Function):
         dropped = flat
         if p > 0:
             keep, scale = keep_mask(flat.shape, p, next_seed())
-            dropped = flat * keep  # the survivors' scale goes on the rank-r side: r columns, not `in`
+            # where(), not flat * keep: a bool operand of mul is first copied to a float tensor.
+            dropped = torch.where(keep, flat, 0.0)  # the survivors' scale goes on the r-wide side
         hidden = (dropped @ lora_a.t()).mul_(scale)  # [tokens, r]
         out.addmm_(hidden, lora_b.t(), alpha=scaling)
         ctx.save_for_backward(flat, weight, lora_a, lora_b, hidden, keep)
@@ -85,7 +86,7 @@ class _LoraLinearFunction(torch.autograd.Function):
         grad_hidden = (grad @ lora_b).mul_(ctx.scaling)  # [tokens, r]
         grad_b = (grad.t() @ hidden).mul_(ctx.scaling)
         # The dropped input is recomputed rather than kept: one pass, against a float copy per layer.
-        dropped = flat if keep is None else flat * keep
+        dropped = flat if keep is None else torch.where(keep, flat, 0.0)
         grad_a = (grad_hidden.t() @ dropped).mul_(ctx.scale)
         grad_x = None
         if ctx.needs_input_grad[0]:
