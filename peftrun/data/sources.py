@@ -397,6 +397,7 @@ def image_path(source: str, value: str) -> Path:
 
 
 def _check_format_fits(path: str, key: str, file: Path, fmt: str) -> None:
+    """The file's kind against data.format (`file` has passed _local_file: it exists, its suffix is supported)."""
     suffix = file.suffix.lower()
     if suffix == ".txt" and fmt != "text":
         raise UserError(f"{key}: {path} is raw text; a .txt file can only be used with data.format: text")
@@ -405,10 +406,6 @@ def _check_format_fits(path: str, key: str, file: Path, fmt: str) -> None:
     if file.is_dir() and fmt != "images":
         raise UserError(
             f"{key}: {file} is a directory; point it at a data file (folders are for format images)"
-        )
-    if not file.is_dir() and suffix not in SUPPORTED_SUFFIXES:
-        raise UserError(
-            f"{key}: unsupported file type '{file.suffix}' ({file}); use one of {', '.join(SUPPORTED_SUFFIXES)}"
         )
 
 
