@@ -83,6 +83,8 @@ def merge(
         if round_trip and inputs.quantization is not None
         else _unchanged
     )
+    # The weights a 4-bit round trip changes (None: no round trip), for the light verdict.
+    round_tripped = frozenset(quantized_weight_names(skeleton)) if round_trip else None
     from safetensors.torch import load_file
 
     adapter_config = inputs.adapter_config
@@ -118,7 +120,7 @@ def merge(
         notes = write_model_files(inputs, tmp, dtype)
         try:
             verdict = judge(
-                inputs, tmp, dtype, options.check, merge_plan, weight_map, base_weight, round_trip
+                inputs, tmp, dtype, options.check, merge_plan, weight_map, base_weight, round_tripped
             )
         except MergeVerificationError as exc:
             raise UserError(
@@ -211,7 +213,7 @@ def judge(
     merge_plan: MergePlan | str,
     weight_map: dict[str, str] | None,
     base_weight: Callable[[str, torch.Tensor], torch.Tensor],
-    round_trip: bool,
+    round_tripped: frozenset[str] | None,
 ) -> Verdict:
     quant = inputs.quantization
     if check == "light" and isinstance(merge_plan, MergePlan) and weight_map is not None:
@@ -225,13 +227,13 @@ def judge(
             base_weight,
             dtype,
             logit_tolerance(dtype, quantized=False),
-            frozenset(quantized_weight_names(meta_model(inputs))) if round_trip else frozenset(),
+            round_tripped or frozenset(),
         ).check()
     from peft import PeftModel
 
     vocab_size = int(read_base_config(inputs.base_dir).get("vocab_size") or 2)
     # The reference is what was trained: the 4-bit base for a round-trip QLoRA merge, else the fp32 base.
-    reference_quantized = round_trip and quant is not None
+    reference_quantized = round_tripped is not None and quant is not None
     tolerance = logit_tolerance(dtype, quantized=False)
     label = "base + adapter through peft (fp32)"
     if reference_quantized and quant is not None:
