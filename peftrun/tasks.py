@@ -125,34 +125,44 @@ def _output_embeddings(model: Any) -> Any:
 
 
 def _last_decoder_mlp(model: Any) -> Any:
-    """The last decoder layer's dense MLP (`layers.N.mlp`, `h.N.mlp`, a class named ...MLP), or None.
+    """The last layer's dense MLP in the language model's decoder (`layers.N.mlp`, `h.N.mlp`, a class
+    named ...MLP), or None.
 
-    None under gradient checkpointing: backward would recompute the layer without the hooks. Mixture-
-    of-experts blocks are not ...MLP: their routing statistics depend on every position.
+    Only the decoder is searched: a vision tower's blocks may be numbered higher. None under gradient
+    checkpointing: backward would recompute the layer without the hooks. Mixture-of-experts blocks are
+    not ...MLP: their routing statistics depend on every position.
     """
     import re
 
     inner = _unwrapped(model)
-    if getattr(inner, "is_gradient_checkpointing", False):
+    get_decoder = getattr(inner, "get_decoder", None)
+    if getattr(inner, "is_gradient_checkpointing", False) or get_decoder is None:
         return None
     found, last = None, -1
-    for name, module in inner.named_modules():
-        match = re.search(r"\.(\d+)\.mlp$", name)
+    for name, module in get_decoder().named_modules():
+        match = re.search(r"(?:^|\.)(\d+)\.mlp$", name)
         if match and type(module).__name__.endswith("MLP") and int(match.group(1)) > last:
             found, last = module, int(match.group(1))
     return found
 
 
 def _run_only_at(module: Any, where: Callable[[torch.Tensor], torch.Tensor]) -> list[Any]:
-    """Hooks that run a position-wise `module` on the positions `where(input)` selects, zeros elsewhere."""
-    masks: list[torch.Tensor] = []
+    """Hooks that run a position-wise `module` on the positions `where(input)` selects, zeros elsewhere.
 
-    def gather(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        masks.append(where(args[0]))
-        return (args[0][masks[-1]], *args[1:])
+    An input that is not [batch, positions, hidden] for those positions passes through untouched.
+    """
+    masks: list[torch.Tensor | None] = []
 
-    def scatter(module: Any, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+    def gather(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        hidden = args[0]
+        mask = where(hidden) if hidden.dim() == 3 else None
+        masks.append(mask if mask is not None and mask.shape == hidden.shape[:2] else None)
+        return None if masks[-1] is None else (hidden[masks[-1]], *args[1:])
+
+    def scatter(module: Any, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
         mask = masks.pop()
+        if mask is None:
+            return None
         return output.new_zeros((*mask.shape, output.shape[-1])).index_put((mask,), output)
 
     return [module.register_forward_pre_hook(gather), module.register_forward_hook(scatter)]

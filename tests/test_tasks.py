@@ -525,3 +525,24 @@ def test_merged_classifier_loads_with_transformers_and_predicts_the_same_labels(
         adapter_logits = adapter_model(**batch).logits
     torch.testing.assert_close(merged_logits, adapter_logits, rtol=1e-4, atol=1e-5)
     assert merged_logits.argmax(-1).tolist() == adapter_logits.argmax(-1).tolist()
+
+
+def test_a_position_wise_module_runs_only_at_the_selected_positions() -> None:
+    from peftrun.tasks import _run_only_at
+
+    layer = torch.nn.Linear(4, 3)
+    selected = torch.tensor([[True, False, True, False, False], [False, False, False, False, True]])
+    handles = _run_only_at(layer, lambda hidden: selected)
+    seen: list[tuple[int, ...]] = []
+    spy = layer.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    x = torch.randn(2, 5, 4)
+    out = layer(x)
+    assert seen == [(3, 4)]  # the three selected positions only
+    torch.testing.assert_close(
+        out[selected], torch.nn.functional.linear(x[selected], layer.weight, layer.bias)
+    )
+    assert bool((out[~selected] == 0).all())
+    other = torch.randn(3, 7, 4)  # not the batch the mask is for (a vision tower's input, say)
+    torch.testing.assert_close(layer(other), torch.nn.functional.linear(other, layer.weight, layer.bias))
+    for handle in [*handles, spy]:
+        handle.remove()
