@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -63,9 +62,7 @@ def plot_confusion_matrix(
             )
     fig.tight_layout()
     try:
-        with staged_file(path) as tmp:
+        with staged_file(path) as tmp:  # removes its temporary file itself if saving fails
             fig.savefig(tmp, dpi=100)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
