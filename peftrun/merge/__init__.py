@@ -78,13 +78,14 @@ def merge(
         and inputs.quantization.bits == 4
         and options.qlora_base == "dequantized"
     )
+    # The weights a 4-bit round trip changes (None: no round trip): read through it, and checked by
+    # the light verdict.
+    round_tripped = frozenset(quantized_weight_names(skeleton)) if round_trip else None
     base_weight = (
-        nf4_round_trip(skeleton, inputs.quantization, inputs.base_dtype)
-        if round_trip and inputs.quantization is not None
+        nf4_round_trip(round_tripped, inputs.quantization, inputs.base_dtype)
+        if round_tripped is not None and inputs.quantization is not None
         else _unchanged
     )
-    # The weights a 4-bit round trip changes (None: no round trip), for the light verdict.
-    round_tripped = frozenset(quantized_weight_names(skeleton)) if round_trip else None
     from safetensors.torch import load_file
 
     adapter_config = inputs.adapter_config

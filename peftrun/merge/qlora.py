@@ -30,10 +30,10 @@ def quantized_weight_names(skeleton: Any) -> set[str]:
 
 
 def nf4_round_trip(
-    skeleton: Any, quant: QuantizationConfig, model_dtype: str
+    names: frozenset[str], quant: QuantizationConfig, model_dtype: str
 ) -> Callable[[str, torch.Tensor], torch.Tensor]:
-    """A function giving each base tensor as the 4-bit model held it (dequantized, in the model dtype)."""
-    names = quantized_weight_names(skeleton)
+    """A function giving each base tensor as the 4-bit model held it (dequantized, in the model dtype);
+    `names` are the weights it stored in 4 bits (`quantized_weight_names`)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     def base_weight(name: str, tensor: torch.Tensor) -> torch.Tensor:
