@@ -75,14 +75,15 @@ def _encode_split(
     split: SplitRows,
     tokenizer: Any,
     cfg: DataConfig,
-    columns: Callable[[list[list[int]], list[Row]], dict[str, list[Any]]],
+    columns: Callable[[list[Row]], dict[str, list[Any]]],
 ) -> tuple[Any, Any, SampleReport]:
-    """Both parts of a split as datasets: input_ids, the row numbers, and what `columns` adds."""
+    """Both parts of a split as datasets: input_ids, the row numbers, and what `columns` adds for the
+    rows kept."""
     report = SampleReport(split.rows, 0, 0)
 
     def build(rows: list[Row]) -> Any:
         ids, kept = _encode(rows, tokenizer, cfg, report)
-        return _dataset({"input_ids": ids, **columns(ids, kept), "row": [r.number for r in kept]})
+        return _dataset({"input_ids": ids, **columns(kept), "row": [r.number for r in kept]})
 
     train = build(split.train)
     held_out = build(split.eval) if split.eval is not None else None
@@ -101,7 +102,7 @@ def prepare_text_classification(
     split = read_split(cfg, seed, labelled)
     names = resolve_labels(split, cfg) if labelled else list(cfg.labels or [])
 
-    def labels(ids: list[list[int]], kept: list[Row]) -> dict[str, list[Any]]:
+    def labels(kept: list[Row]) -> dict[str, list[Any]]:
         return {"label": label_ids(kept, names) if labelled else [-1] * len(kept)}
 
     train, held_out, report = _encode_split(split, tokenizer, cfg, labels)
@@ -114,7 +115,7 @@ def prepare_masked_lm(cfg: DataConfig, tokenizer: Any, seed: int, labelled: bool
     """input_ids per sample (raw text, special tokens added); masking happens per batch, see the module doc."""
     if tokenizer.mask_token_id is None:
         raise UserError("model.tokenizer: masked_lm needs a tokenizer with a mask token (e.g. [MASK])")
-    train, held_out, report = _encode_split(read_split(cfg, seed), tokenizer, cfg, lambda ids, kept: {})
+    train, held_out, report = _encode_split(read_split(cfg, seed), tokenizer, cfg, lambda kept: {})
     return TaskData(train, held_out, report)
 
 
