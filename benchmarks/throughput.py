@@ -12,7 +12,8 @@ in fresh subprocesses, alternating the sides (A B C A B C ...) so that the machi
   linear layers, micro-batch 4, seq 512;
 - peftrun, packing off: `peftrun train` on the same data, model and LoRA settings, same batches shape;
 - peftrun, packing on: the same with `data.packing=true` (rows of up to 512 tokens);
-- peftrun, packing on, `train.fused_lora=false`: peft's own LoRA layers, to measure that switch.
+- peftrun, packing on, `train.fused_lora=false`: peft's own LoRA layers, to measure that switch;
+- peftrun, packing on, `train.cpu_matmul=torch`: torch's default BLAS instead of oneDNN, the same.
 
 Figures per side: median over rounds of the non-padding tokens/s of the training loop (per-step
 figures from step 4 on, so start-up is left out), peak RSS of the process, and the final loss; then
@@ -45,7 +46,14 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-SIDES = ("baseline", "peftrun", "peftrun_packed", "peftrun_packed_peft_lora")
+# peftrun's sides: packing on or off, and the `train` switches each one sets (the rest are defaults).
+PEFTRUN_SIDES: dict[str, tuple[bool, dict[str, Any]]] = {
+    "peftrun": (False, {}),
+    "peftrun_packed": (True, {}),
+    "peftrun_packed_peft_lora": (True, {"fused_lora": False}),
+    "peftrun_packed_torch_matmul": (True, {"cpu_matmul": "torch"}),
+}
+SIDES = ("baseline", *PEFTRUN_SIDES)
 WARMUP_STEPS = 3  # per-step figures of these first steps are left out (allocations, lazy imports)
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 LR = 2e-4
@@ -240,7 +248,13 @@ def run_baseline(model_dir: Path, data: Path, steps: int, out: Path, preset: Pre
 
 
 def run_peftrun(
-    model_dir: Path, data: Path, steps: int, out: Path, preset: Preset, packing: bool, fused_lora: bool
+    model_dir: Path,
+    data: Path,
+    steps: int,
+    out: Path,
+    preset: Preset,
+    packing: bool,
+    switches: dict[str, Any],
 ) -> dict[str, Any]:
     import yaml
 
@@ -265,7 +279,7 @@ def run_peftrun(
             "lr": LR,
             "scheduler": "cosine",
             "warmup_steps": 0,
-            "fused_lora": fused_lora,
+            **switches,
         },
         "logging": {"every_steps": 1, "report_to": [], "progress_bar": False, "plot": False},
         "checkpoint": {"at_end": False},
@@ -287,9 +301,8 @@ def worker(side: str, preset: Preset, model_dir: Path, data: Path, steps: int, o
     if side == "baseline":
         figures = run_baseline(model_dir, data, steps, out, preset)
     else:
-        packing = side.startswith("peftrun_packed")
-        fused = not side.endswith("peft_lora")
-        figures = run_peftrun(model_dir, data, steps, out, preset, packing, fused_lora=fused)
+        packing, switches = PEFTRUN_SIDES[side]
+        figures = run_peftrun(model_dir, data, steps, out, preset, packing, switches)
     figures["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if torch.cuda.is_available():
         figures["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20

@@ -30,9 +30,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
+
+from peftrun.cpu_matmul import PLAIN_LINEAR, input_grad, linear, weight_grad
 
 
 def keep_mask(shape: torch.Size, p: float, seed: int) -> tuple[torch.Tensor, float]:
@@ -66,14 +67,14 @@ class _LoraLinearFunction(torch.autograd.Function):
         p: float,
     ) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        out = F.linear(flat, weight, bias)
+        out = linear(flat, weight, bias)  # oneDNN where train.cpu_matmul chose it (cpu_matmul.py)
         keep, scale = None, 1.0
         dropped = flat
         if p > 0:
             keep, scale = keep_mask(flat.shape, p, next_seed())
             # where(), not flat * keep: a bool operand of mul is first copied to a float tensor.
             dropped = torch.where(keep, flat, 0.0)  # the survivors' scale goes on the r-wide side
-        hidden = (dropped @ lora_a.t()).mul_(scale)  # [tokens, r]
+        hidden = linear(dropped, lora_a).mul_(scale)  # [tokens, r]
         out.addmm_(hidden, lora_b.t(), alpha=scaling)
         ctx.save_for_backward(flat, weight, lora_a, lora_b, hidden, keep)
         ctx.scaling, ctx.scale, ctx.x_shape = scaling, scale, x.shape
@@ -83,17 +84,19 @@ class _LoraLinearFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         flat, weight, lora_a, lora_b, hidden, keep = ctx.saved_tensors
         grad = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_hidden = (grad @ lora_b).mul_(ctx.scaling)  # [tokens, r]
-        grad_b = (grad.t() @ hidden).mul_(ctx.scaling)
+        grad_hidden = input_grad(grad, lora_b).mul_(ctx.scaling)  # [tokens, r]
+        grad_b = weight_grad(grad, hidden).mul_(ctx.scaling)
         # The dropped input is recomputed rather than kept: one pass, against a float copy per layer.
         dropped = flat if keep is None else torch.where(keep, flat, 0.0)
-        grad_a = (grad_hidden.t() @ dropped).mul_(ctx.scale)
+        grad_a = weight_grad(grad_hidden, dropped).mul_(ctx.scale)
         grad_x = None
         if ctx.needs_input_grad[0]:
             if keep is None:
-                grad_x = (grad @ weight).addmm_(grad_hidden, lora_a)
+                grad_x = input_grad(grad, weight).addmm_(grad_hidden, lora_a)
             else:
-                grad_x = (grad @ weight).addcmul_(grad_hidden @ lora_a, keep, value=ctx.scale)
+                grad_x = input_grad(grad, weight).addcmul_(
+                    input_grad(grad_hidden, lora_a), keep, value=ctx.scale
+                )
             grad_x = grad_x.view(ctx.x_shape)
         return grad_x, None, None, grad_a, grad_b, None, None
 
@@ -132,10 +135,10 @@ class FusedLoraLinear(LoraLinear):
         frozen_base = not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
         plain = (
             adapter not in self.lora_variant
-            and type(base) is nn.Linear
+            and type(base) in PLAIN_LINEAR
             and not self.fan_in_fan_out
-            and type(lora_a) is nn.Linear
-            and type(lora_b) is nn.Linear
+            and type(lora_a) in PLAIN_LINEAR
+            and type(lora_b) in PLAIN_LINEAR
             and lora_a.bias is None
             and lora_b.bias is None
             and isinstance(self.lora_dropout[adapter], nn.Dropout | nn.Identity)

@@ -25,6 +25,7 @@ from peftrun.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
+from peftrun.cpu_matmul import use_cpu_matmul
 from peftrun.cpu_memory import keep_freed_memory
 from peftrun.data.sampling import EpochShuffle, LengthGroupedShuffle
 from peftrun.dist import gathered_model, make_accelerator, prepare_scheduler
@@ -110,6 +111,10 @@ def train(recipe: Recipe) -> RunResult:
 
     # The model after the data: a bad data row should not cost a model load.
     model = make_trainable(load_base(recipe), recipe)
+    if accelerator.device.type == "cpu" and use_cpu_matmul(model, recipe.train.cpu_matmul):
+        say(
+            "[peftrun] fp32 linear layers run through oneDNN on this CPU (train.cpu_matmul, see cpu_matmul.py)"
+        )
     trainable, total = count_parameters(model)  # printed by preflight already; recorded in the manifest
     register_trainable_only_hooks(accelerator)
     # PiSSA/OLoRA/CorDA move base weights at init; keeping the initial adapter lets the final save
