@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from peftrun.checkpoint import resolve_resume
+from peftrun.cpu_matmul import resolve as resolve_cpu_matmul
 from peftrun.data.sources import check_source
 from peftrun.dist import grad_accum_steps, launcher_world_size
 from peftrun.errors import UserError
@@ -47,6 +48,7 @@ def preflight(recipe: Recipe) -> Preflight:
             "model.quantization / train.optimizer=adamw_8bit need bitsandbytes (pip install bitsandbytes)"
         )
     resolve_resume(recipe.output_dir, recipe.train.resume)
+    resolve_cpu_matmul(recipe.train.cpu_matmul)  # 'onednn' in a torch without it: said before any load
     check_source(recipe.data)
     world_size = launcher_world_size()
     accumulation = grad_accum_steps(recipe, world_size)

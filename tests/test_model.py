@@ -285,6 +285,20 @@ def test_load_model_4bit_nf4_on_cpu(nf4_model: Any) -> None:
     assert logits.shape == (1, 4, nf4_model.config.vocab_size) and torch.isfinite(logits).all()
 
 
+def test_4bit_model_computes_in_its_compute_dtype_in_eval_as_in_training(nf4_model: Any) -> None:
+    """bitsandbytes' bf16 inference kernel (AVX512-BF16 CPUs) is off, so eval measures the trained model."""
+    import bitsandbytes as bnb
+
+    layers = [m for m in nf4_model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    ids = torch.tensor([[1, 10, 20, 30, 40, 50]])
+    with torch.no_grad():
+        training = nf4_model.train()(input_ids=ids).logits
+        evaluating = nf4_model.eval()(input_ids=ids).logits
+    # The bf16 path moved these by ~1e-3 relative; two fp32 paths agree to rounding.
+    torch.testing.assert_close(evaluating, training, rtol=1e-5, atol=1e-5)
+
+
 def test_count_parameters_of_a_4bit_model_is_its_logical_size(nf4_model: Any, tiny_llama: Path) -> None:
     from transformers import AutoModelForCausalLM
 
