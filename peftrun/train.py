@@ -111,10 +111,9 @@ def train(recipe: Recipe) -> RunResult:
 
     # The model after the data: a bad data row should not cost a model load.
     model = make_trainable(load_base(recipe), recipe)
-    if accelerator.device.type == "cpu" and use_cpu_matmul(model, recipe.train.cpu_matmul):
-        say(
-            "[peftrun] fp32 linear layers run through oneDNN on this CPU (train.cpu_matmul, see cpu_matmul.py)"
-        )
+    onednn = accelerator.device.type == "cpu" and use_cpu_matmul(model, recipe.train.cpu_matmul)
+    if onednn:
+        say("[peftrun] fp32 linear layers run through oneDNN on this CPU (train.cpu_matmul)")
     trainable, total = count_parameters(model)  # printed by preflight already; recorded in the manifest
     register_trainable_only_hooks(accelerator)
     # PiSSA/OLoRA/CorDA move base weights at init; keeping the initial adapter lets the final save
@@ -290,6 +289,7 @@ def train(recipe: Recipe) -> RunResult:
             final=FINAL_DIR,
             steps=state.step,
             world_size=accelerator.num_processes,
+            matmul="onednn" if onednn else "torch",  # train.cpu_matmul as resolved on this machine
             trainable_parameters=trainable,
             total_parameters=total,
             final_train_loss=state.last_loss,

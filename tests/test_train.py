@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from peftrun import cpu_matmul
 from peftrun.recipe.load import load_recipe
 from peftrun.train import RunResult, train
 
@@ -202,6 +203,7 @@ def test_run_directory_describes_itself(write_recipe: Any) -> None:
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-00000003", "step-00000004"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["steps"] == 4 and "torch" in manifest["versions"] and "peft" in manifest["versions"]
+    assert manifest["matmul"] == ("onednn" if cpu_matmul.resolve("auto") else "torch")
     assert load_recipe(out / "resolved_recipe.yaml").train.max_steps == 4
     assert (out / "final" / "tokenizer.json").is_file()
 
