@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -168,3 +169,44 @@ def test_fused_lora_through_onednn_equals_peft() -> None:
         _close(g, w)
     # base + A forward; backward: base input gradient, B's input gradient, A's and B's weight gradients
     assert calls == 6
+
+
+def test_training_through_onednn_gives_torchs_losses(
+    write_recipe: Any, tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A packed LoRA run (dropout on) with every product above MIN_MACS through oneDNN: the losses of the
+    same run through torch's BLAS, and the saved adapter passes peftrun's own verification."""
+    from transformers import AutoTokenizer
+
+    from peftrun.recipe.load import load_recipe
+    from peftrun.tiny import build_llama
+    from peftrun.train import train
+
+    tokenizer: Any = AutoTokenizer.from_pretrained(tiny_llama)
+    wide = build_llama(tmp_path / "wide", tokenizer, hidden_size=256)
+    monkeypatch.setattr(cpu_matmul, "BUCKETED_MIN_MACS", 0)  # any token count: the rows are not full
+    calls = []
+    real = cpu_matmul._onednn
+
+    def counting(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return real(x, weight, bias)
+
+    monkeypatch.setattr(cpu_matmul, "_onednn", counting)
+    losses = {}
+    for choice in ("onednn", "torch"):
+        recipe = write_recipe(
+            output_dir=str(tmp_path / choice),
+            model={"name_or_path": str(wide)},
+            method={"kind": "lora", "r": 8, "alpha": 16, "dropout": 0.1, "target_modules": "all-linear"},
+            data={"packing": True, "max_seq_len": 256},
+            train={"max_steps": 3, "micro_batch_size": 4, "cpu_matmul": choice},
+        )
+        result = train(load_recipe(recipe, []))
+        assert result.final_dir is not None  # saved and verified (tensors, reload logits)
+        losses[choice] = result.losses
+        if choice == "onednn":
+            assert calls, "no product ran through oneDNN"
+            calls_with_onednn = len(calls)
+    assert len(calls) == calls_with_onednn  # torch's run made none
+    torch.testing.assert_close(losses["onednn"], losses["torch"], rtol=1e-5, atol=0)
