@@ -238,7 +238,16 @@ def _slurm(recipe: Recipe, dry_run: bool) -> int:
 
 
 def _quiet_library_progress_bars() -> None:
-    """transformers draws a bar for every weight load and shard write; peftrun's own bar is the one to read."""
+    """transformers draws a bar for every weight load and shard write; peftrun's own bar is the one to read.
+
+    bitsandbytes, imported by transformers and peft, warns at import on CPUs with AVX512-BF16 that an
+    optional package for its bf16 inference kernel is missing, on every command. peftrun keeps 4-bit
+    layers off that kernel unless the compute dtype is bf16 (model.keep_4bit_compute_dtype), where
+    bitsandbytes falls back to its own; the warning says nothing a user can act on.
+    """
+    import logging
+
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
