@@ -164,24 +164,24 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(keys_text(args.section))
         return 0
     if args.command in ("merge", "export"):
-        _quiet_library_progress_bars()
+        _quiet_libraries()
         from peftrun.export import export_command, merge_command
 
         return merge_command(args) if args.command == "merge" else export_command(args)
     if args.command == "demo":
-        _quiet_library_progress_bars()
+        _quiet_libraries()
         from peftrun.demo import run_demo
 
         run_demo(args.overrides)
         return 0
 
     if args.command in ("eval", "predict"):
-        _quiet_library_progress_bars()
+        _quiet_libraries()
         return _run_inference(args)
 
     from peftrun.recipe.load import load_recipe, recipe_to_yaml
 
-    _quiet_library_progress_bars()
+    _quiet_libraries()
 
     if args.command == "slurm":
         # Strings as JSON (which is YAML): an unquoted 24:00:00 would be read as a number.
@@ -237,8 +237,10 @@ def _slurm(recipe: Recipe, dry_run: bool) -> int:
     return 0
 
 
-def _quiet_library_progress_bars() -> None:
-    """transformers draws a bar for every weight load and shard write; peftrun's own bar is the one to read.
+def _quiet_libraries() -> None:
+    """Library output that says nothing to a peftrun user.
+
+    transformers draws a bar for every weight load and shard write; peftrun's own bar is the one to read.
 
     bitsandbytes, imported by transformers and peft, warns at import on CPUs with AVX512-BF16 that an
     optional package for its bf16 inference kernel is missing, on every command. peftrun keeps 4-bit

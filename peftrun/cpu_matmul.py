@@ -23,7 +23,7 @@ through torch unchanged.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,9 @@ from torch import nn
 
 from peftrun.errors import UserError
 
-CpuMatmul = Literal["auto", "onednn", "torch"]
+if TYPE_CHECKING:
+    from peftrun.recipe.schema import CpuMatmul
+
 MIN_MACS = 1 << 22  # below ~4M multiply-adds per product, torch's path is the faster (measured)
 BUCKETED_MIN_MACS = 1 << 31  # token counts off a bucket: only products this large (see linear)
 
@@ -72,8 +74,8 @@ def _onednn_fits(a: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def bucket_step(rows: int) -> int:
     """Token counts are rounded up to a multiple of this: four buckets per power of two (so at most
-    25% added rows from 256 rows up), never finer than 64. Measured on the benchmark's packed steps: 64-row buckets
-    met ~4x the shapes and ran 6% slower, with ~120 MB more peak RSS, than these."""
+    25% added rows from 256 rows up), never finer than 64. Measured on the benchmark's packed steps:
+    64-row buckets met ~4x the shapes and ran 6% slower, with ~120 MB more peak RSS, than these."""
     return max(64, 1 << max(rows.bit_length() - 3, 0))
 
 

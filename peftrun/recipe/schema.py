@@ -25,6 +25,7 @@ class Section(BaseModel):
 
 Dtype = Literal["fp32", "bf16", "fp16"]
 Tracker = Literal["tensorboard", "wandb", "mlflow"]
+CpuMatmul = Literal["auto", "onednn", "torch"]  # train.cpu_matmul; cpu_matmul.py resolves it
 
 
 class QuantizationConfig(Section):
@@ -221,7 +222,7 @@ class TrainConfig(Section):
         description="CPU training on Linux (glibc): freed activation memory stays in the process instead of "
         "going back to the OS and page-faulting in anew every step (~1.07x a step, ~40 MB more peak RSS).",
     )
-    cpu_matmul: Literal["auto", "onednn", "torch"] = Field(
+    cpu_matmul: CpuMatmul = Field(
         "auto",
         description="CPU training: fp32 linear layers through oneDNN (torch's MKL runs AVX2 kernels on non-Intel "
         "CPUs; ~2.2x the matmul rate on AMD Zen 5). auto: oneDNN where the CPU has AVX-512; torch: torch's own path.",
