@@ -129,20 +129,17 @@ def load_model(
     return model
 
 
-def keep_4bit_compute_dtype(model: Any) -> int:
-    """4-bit layers compute in the recipe's compute_dtype in eval too; returns how many were changed.
+def keep_4bit_compute_dtype(model: Any) -> None:
+    """4-bit layers compute in the recipe's compute_dtype in eval too.
 
     On CPUs with AVX512-BF16, bitsandbytes' Linear4bit in eval mode (inputs without grad) repacks its
     weights in place and runs a fused kernel that casts the input to bf16, whatever compute_dtype says.
     Evaluation, the reload check and the merge verdict would then measure another model than the one
     trained: QLoRA logits moved by ~1e-3 relative between eval and training mode here, instead of ~1e-6.
     """
-    changed = 0
     for module in model.modules():
         if getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
-            changed += 1
-    return changed
 
 
 def _load_weights(cfg: ModelConfig, model_class: Any, device_map: Any, labels: list[str] | None) -> Any:
