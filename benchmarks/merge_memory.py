@@ -130,8 +130,8 @@ def worker(mode: str, base: str, adapter: str, out: str, shard: str) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from peftrun.export import inputs_for
     from peftrun.merge import MergeOptions, merge
+    from peftrun.merge.export import inputs_for
 
     import_mb = _status_mb("VmRSS")
     start = time.perf_counter()

@@ -111,7 +111,7 @@ def make_workload(root: Path, samples: int, preset: Preset, seed: int = 0) -> tu
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from peftrun.tiny import build_tokenizer
+    from peftrun.demo.tiny import build_tokenizer
 
     rng = random.Random(seed)
     words = [
@@ -259,7 +259,7 @@ def run_peftrun(
     import yaml
 
     from peftrun.recipe.load import load_recipe
-    from peftrun.train import train
+    from peftrun.train.loop import train
 
     recipe = {
         "output_dir": str(out / "run"),

@@ -116,7 +116,7 @@ def worker(args: argparse.Namespace, out: Path) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from peftrun.dist import is_deepspeed, make_accelerator, zero_stage
+    from peftrun.dist.accelerator import is_deepspeed, make_accelerator, zero_stage
     from peftrun.recipe.schema import Recipe
 
     recipe = Recipe.model_validate(

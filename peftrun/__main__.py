@@ -2,6 +2,6 @@
 
 import sys
 
-from peftrun.cli import main
+from peftrun.cli.main import main
 
 sys.exit(main())

@@ -58,7 +58,7 @@ def test_validate_prints_the_resolved_recipe(write_recipe: Any) -> None:
 def test_user_mistakes_exit_2_with_one_line(
     write_recipe: Any, capsys: pytest.CaptureFixture[str], command: str, overrides: list[str], message: str
 ) -> None:
-    from peftrun.cli import main
+    from peftrun.cli.main import main
 
     assert main([command, str(write_recipe()), *overrides]) == 2
     errors = capsys.readouterr().err.strip().splitlines()

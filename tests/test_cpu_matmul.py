@@ -12,8 +12,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from peftrun import cpu_matmul
-from peftrun.cpu_matmul import (
+from peftrun.cpu import matmul as cpu_matmul
+from peftrun.cpu.fused_lora import FusedLoraLinear, fuse_lora_layers
+from peftrun.cpu.matmul import (
     OneDNNLinear,
     bucket_step,
     input_grad,
@@ -21,7 +22,6 @@ from peftrun.cpu_matmul import (
     use_cpu_matmul,
     weight_grad,
 )
-from peftrun.fused_lora import FusedLoraLinear, fuse_lora_layers
 
 pytestmark = pytest.mark.skipif(not cpu_matmul.onednn_available(), reason="torch built without oneDNN")
 
@@ -178,9 +178,9 @@ def test_training_through_onednn_gives_torchs_losses(
     same run through torch's BLAS, and the saved adapter passes peftrun's own verification."""
     from transformers import AutoTokenizer
 
+    from peftrun.demo.tiny import build_llama
     from peftrun.recipe.load import load_recipe
-    from peftrun.tiny import build_llama
-    from peftrun.train import train
+    from peftrun.train.loop import train
 
     tokenizer: Any = AutoTokenizer.from_pretrained(tiny_llama)
     wide = build_llama(tmp_path / "wide", tokenizer, hidden_size=256)

@@ -10,7 +10,7 @@ import pytest
 
 PROBE = """
 import ctypes, json, sys
-from peftrun.cpu_memory import keep_freed_memory
+from peftrun.cpu.memory import keep_freed_memory
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in

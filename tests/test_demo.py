@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peftrun.demo import demo_recipe, run_demo
+from peftrun.demo.run import demo_recipe, run_demo
+from peftrun.demo.tiny import DEMO_DATA_DIR
 from peftrun.recipe.load import load_recipe
-from peftrun.tiny import DEMO_DATA_DIR
 
 
 def test_demo_recipe_validates_and_points_at_packaged_data(session_cache: Path) -> None:

@@ -29,7 +29,7 @@ import yaml
 from safetensors.torch import load_file
 
 from peftrun.recipe.load import load_recipe
-from peftrun.train import RunResult, train
+from peftrun.train.loop import RunResult, train
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from peftrun.fused_lora import FusedLoraLinear, fuse_lora_layers, keep_mask, next_seed
+from peftrun.cpu.fused_lora import FusedLoraLinear, fuse_lora_layers, keep_mask, next_seed
 
 
 def _lora_pair(dropout: float, **config: Any) -> tuple[Any, Any]:

@@ -19,16 +19,16 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from peftrun.cli import main
+from peftrun.cli.main import main
 from peftrun.errors import UserError
-from peftrun.export import export_adapter, inputs_for
 from peftrun.merge import MergeOptions, merge
 from peftrun.merge.combine import combine_adapters
+from peftrun.merge.export import export_adapter, inputs_for
 from peftrun.merge.stream import SAFE_INDEX
 from peftrun.merge.verdict import MergedFiles, MergeVerificationError, light_verdict, probe_batch
 from peftrun.recipe.load import load_recipe
-from peftrun.train import train
-from peftrun.verify import ADAPTER_WEIGHTS
+from peftrun.run.verify import ADAPTER_WEIGHTS
+from peftrun.train.loop import train
 
 SHARD = "60KB"  # the tiny Llama (~0.5 MB in fp32) in about ten shards
 
@@ -159,7 +159,7 @@ def test_merged_runs_load_without_peft_and_give_the_adapter_models_logits(
     from transformers import AutoModelForCausalLM
 
     from peftrun.data.templates import CHAT_TEMPLATES
-    from peftrun.model import load_model
+    from peftrun.model.load import load_model
 
     paths = {name: str(path) for name, path in merged_runs.items()}
     done = subprocess.run(
@@ -416,7 +416,7 @@ def test_an_inline_chat_template_ships_with_the_merged_tokenizer(
     """data.chat_template may be Jinja itself, not a built-in's name: the merged tokenizer renders with it."""
     from transformers import AutoTokenizer
 
-    from peftrun.outputs import RESOLVED_RECIPE
+    from peftrun.run.outputs import RESOLVED_RECIPE
 
     run = tmp_path / "run"
     shutil.copytree(runs["lora"], run)

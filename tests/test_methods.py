@@ -9,7 +9,12 @@ import peft  # imported at collection: its one-time import cost is not any test'
 import pytest
 
 from peftrun.errors import OptionError
-from peftrun.methods import build_peft_config, count_parameters, frozen_parameter_names, select_parameters
+from peftrun.model.methods import (
+    build_peft_config,
+    count_parameters,
+    frozen_parameter_names,
+    select_parameters,
+)
 
 LLAMA_LAYER = (
     "self_attn.q_proj.weight",

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from peftrun.errors import UserError
-from peftrun.hub import hub_unreachable_reason
-from peftrun.methods import build_peft_config, count_parameters
-from peftrun.model import check_method_against_architecture, load_model, load_model_config
-from peftrun.preflight import preflight
+from peftrun.model.hub import hub_unreachable_reason
+from peftrun.model.load import check_method_against_architecture, load_model, load_model_config
+from peftrun.model.methods import build_peft_config, count_parameters
 from peftrun.recipe.load import load_recipe
 from peftrun.recipe.schema import Recipe
+from peftrun.train.preflight import preflight
 
 LLAMA_LINEAR = ["down_proj", "gate_proj", "k_proj", "lm_head", "o_proj", "q_proj", "up_proj", "v_proj"]
 

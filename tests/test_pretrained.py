@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from peftrun.recipe.load import load_recipe
-from peftrun.train import train
+from peftrun.train.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "examples" / "minilm_sentiment.yaml"
@@ -37,7 +37,7 @@ def final_eval(output_dir: Path) -> dict[str, float]:
 def test_pretrained_minilm_beats_the_same_architecture_from_scratch(
     session_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from peftrun.minilm import cached_model_dir
+    from peftrun.demo.minilm import cached_model_dir
 
     monkeypatch.chdir(REPO)  # the recipe's data paths are relative to the repository
     model_dir = cached_model_dir()

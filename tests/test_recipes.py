@@ -13,8 +13,8 @@ from pathlib import Path
 import peft  # noqa: F401  (imported at collection: its one-time import cost is not any test's)
 import pytest
 
-from peftrun.preflight import preflight
 from peftrun.recipe.load import load_recipe
+from peftrun.train.preflight import preflight
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))

@@ -30,13 +30,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from peftrun.checkpoint import resolve_resume
-from peftrun.cli import main
+from peftrun.cli.main import main
+from peftrun.dist.signals import SCHEDULER_SIGNALS, StopRequest, catch_scheduler_signals
+from peftrun.dist.slurm import RECIPE_FILE, SCRIPT_FILE, plan_job, render_script, write_job
 from peftrun.errors import UserError
 from peftrun.recipe.load import load_recipe
 from peftrun.recipe.schema import Recipe
-from peftrun.signals import SCHEDULER_SIGNALS, StopRequest, catch_scheduler_signals
-from peftrun.slurm import RECIPE_FILE, SCRIPT_FILE, plan_job, render_script, write_job
+from peftrun.train.checkpoint import resolve_resume
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden"

@@ -16,11 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from peftrun.cli import main
+from peftrun.cli.main import main
 from peftrun.errors import UserError
-from peftrun.metrics import classification_metrics
+from peftrun.evaluation.metrics import classification_metrics
 from peftrun.recipe.load import load_recipe
-from peftrun.train import RunResult, train
+from peftrun.train.loop import RunResult, train
 
 TOPIC_NAMES = ["food", "sports", "weather"]  # sorted: the default class order
 COLOUR_NAMES = ["blue", "green", "red"]
@@ -391,9 +391,9 @@ def test_verification_catches_an_adapter_whose_head_was_not_trained(bert_recipe:
     """The classic failure: a LoRA classifier saved with its head as initialised (not trained)."""
     from safetensors.torch import save_file
 
-    from peftrun.model import load_base
-    from peftrun.train import reload_artefact
-    from peftrun.verify import VerificationError, check_reload
+    from peftrun.model.load import load_base
+    from peftrun.run.verify import VerificationError, check_reload
+    from peftrun.train.loop import reload_artefact
 
     result = run(bert_recipe())
     assert result.final_dir is not None
@@ -440,7 +440,7 @@ def test_causal_lm_head_on_supervised_positions_only_gives_the_same_loss_and_gra
     from transformers import AutoModelForCausalLM
 
     from peftrun.data import collate
-    from peftrun.tasks import TASKS, causal_lm_loss, forward_logits
+    from peftrun.model.tasks import TASKS, causal_lm_loss, forward_logits
 
     base = AutoModelForCausalLM.from_pretrained(request.getfixturevalue(base_name))
     base.config.use_cache = False
@@ -502,7 +502,7 @@ def test_merged_classifier_loads_with_transformers_and_predicts_the_same_labels(
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from peftrun.model import load_base
+    from peftrun.model.load import load_base
 
     overrides = ["model.quantization.bits=4", "model.quantization.compute_dtype=fp32"] if quantized else []
     result = run(bert_recipe(), f"output_dir={tmp_path / 'cls'}", "train.max_steps=6", *overrides)
@@ -528,7 +528,7 @@ def test_merged_classifier_loads_with_transformers_and_predicts_the_same_labels(
 
 
 def test_a_position_wise_module_runs_only_at_the_selected_positions() -> None:
-    from peftrun.tasks import _run_only_at
+    from peftrun.model.tasks import _run_only_at
 
     layer = torch.nn.Linear(4, 3)
     selected = torch.tensor([[True, False, True, False, False], [False, False, False, False, True]])

@@ -12,7 +12,7 @@ import pytest
 # not in whichever test happens to build the first model.
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from peftrun import tiny
+from peftrun.demo import tiny
 
 CORPUS = [
     "Below is an instruction that describes a task.\n\n### Instruction:\nReverse the digits.\n\n### Response:\n",

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from peftrun import cpu_matmul
+from peftrun.cpu import matmul as cpu_matmul
 from peftrun.recipe.load import load_recipe
-from peftrun.train import RunResult, train
+from peftrun.train.loop import RunResult, train
 
 
 def run(recipe_path: Path, *overrides: str) -> RunResult:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from peftrun.verify import (
+from peftrun.run.verify import (
     ADAPTER_WEIGHTS,
     VerificationError,
     check_reload,
@@ -245,7 +245,7 @@ def test_reload_without_the_adapter_differs(trained: Saved, tiny_llama: Path) ->
 def test_reload_on_a_different_base_fails(trained: Saved, tiny_llama: Path, tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
-    from peftrun.tiny import build_llama
+    from peftrun.demo.tiny import build_llama
 
     tokenizer: Any = AutoTokenizer.from_pretrained(tiny_llama)
     other = build_llama(tmp_path / "other", tokenizer, hidden_size=64, num_layers=2, seed=1)

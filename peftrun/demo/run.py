@@ -1,7 +1,7 @@
 """`peftrun demo`: the whole product in a couple of minutes, offline.
 
 Builds (once, cached) a tiny Llama-shaped model and tokenizer, shows its answers to a few prompts,
-trains a LoRA adapter on the task shipped in peftrun/demo_data through the normal `train` path
+trains a LoRA adapter on the task shipped in peftrun/demo/data through the normal `train` path
 (recipe, checkpoints, verified save), then shows the trained answers next to the expected ones.
 """
 
@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 
-from peftrun.model import load_model, load_tokenizer
-from peftrun.outputs import METRICS_FILE, read_metrics
+from peftrun.demo.tiny import DEMO_DATA_DIR, demo_model_dir
+from peftrun.model.load import load_model, load_tokenizer
 from peftrun.recipe.load import load_recipe
 from peftrun.recipe.schema import Recipe
-from peftrun.tiny import DEMO_DATA_DIR, demo_model_dir
+from peftrun.run.outputs import METRICS_FILE, read_metrics
 
 DEMO_RECIPE = DEMO_DATA_DIR / "recipe.yaml"
 SHOWN_PROMPTS = 6
@@ -72,7 +72,7 @@ def held_out_rows() -> list[tuple[list[dict[str, str]], str]]:
 def run_demo(overrides: list[str]) -> dict[str, Any]:
     from peft import PeftModel
 
-    from peftrun.train import train
+    from peftrun.train.loop import train
 
     recipe = demo_recipe(overrides)
     tokenizer = load_tokenizer(recipe.model)

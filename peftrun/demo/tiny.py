@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast
 
-from peftrun.staging import staged_dir
+from peftrun.run.staging import staged_dir
 
 __all__ = [
     "BUILDER_VERSION",
@@ -44,7 +44,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
-DEMO_DATA_DIR = Path(__file__).parent / "demo_data"
+DEMO_DATA_DIR = Path(__file__).parent / "data"
 # The demo model's shape; part of the cache key.
 DEMO_SETTINGS = {"vocab_size": 512, "hidden_size": 128, "num_layers": 2, "seed": 0}
 

@@ -174,8 +174,8 @@ def gathered_model(accelerator: Any, model: Any, recipe: Recipe, probe_batch: di
         return None
     from transformers.integrations import unset_hf_deepspeed_config
 
-    from peftrun.model import DTYPES, load_base, make_trainable
-    from peftrun.verify import logit_diff, logit_tolerance, logits_on
+    from peftrun.model.load import DTYPES, load_base, make_trainable
+    from peftrun.run.verify import logit_diff, logit_tolerance, logits_on
 
     state_dict = accelerator.get_state_dict(model)  # full tensors on the main process only
     trained_logits = logits_on(model, probe_batch)  # every process runs its part of the forward

@@ -29,11 +29,11 @@ from pathlib import Path
 
 import yaml
 
-from peftrun.dist import grad_accum_steps
+from peftrun.dist.accelerator import grad_accum_steps
 from peftrun.errors import UserError
 from peftrun.recipe.load import recipe_to_yaml
 from peftrun.recipe.schema import Recipe, SlurmConfig
-from peftrun.staging import staged_file
+from peftrun.run.staging import staged_file
 
 SLURM_DIR = "slurm"
 SCRIPT_FILE = "job.sbatch"

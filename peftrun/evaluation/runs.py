@@ -15,10 +15,10 @@ from typing import Any
 import torch
 
 from peftrun.errors import UserError
-from peftrun.outputs import RESOLVED_RECIPE
+from peftrun.model.tasks import TASKS, Task, forward_logits, model_inputs
 from peftrun.recipe.schema import DataConfig, Recipe
-from peftrun.staging import staged_dir, staged_file
-from peftrun.tasks import TASKS, Task, forward_logits, model_inputs
+from peftrun.run.outputs import RESOLVED_RECIPE
+from peftrun.run.staging import staged_dir, staged_file
 
 METRICS_JSON = "metrics.json"
 CONFUSION_PNG = "confusion_matrix.png"
@@ -28,9 +28,9 @@ class LoadedRun:
     """A run's final artefact, ready to run on new data."""
 
     def __init__(self, run_dir: str | Path) -> None:
-        from peftrun.model import load_processor
+        from peftrun.model.load import load_processor
         from peftrun.recipe.load import load_recipe
-        from peftrun.train import FINAL_DIR, reload_artefact
+        from peftrun.train.loop import FINAL_DIR, reload_artefact
 
         self.run_dir = Path(run_dir)
         self.final = self.run_dir / FINAL_DIR
@@ -70,7 +70,7 @@ def evaluate_run(
     confusion_matrix.png); out_dir defaults to RUN_DIR/eval/<file name>. Written atomically."""
     from accelerate import Accelerator
 
-    from peftrun.train import _cache_dir, evaluate
+    from peftrun.train.loop import _cache_dir, evaluate
 
     _check_file(data_path)
     run = LoadedRun(run_dir)
@@ -88,7 +88,7 @@ def evaluate_run(
     with staged_dir(out) as tmp:
         (tmp / METRICS_JSON).write_text(json.dumps(result, indent=1))
         if run.task.classifier:
-            from peftrun.metrics import plot_confusion_matrix
+            from peftrun.evaluation.metrics import plot_confusion_matrix
 
             plot_confusion_matrix(
                 result["confusion_matrix"], cfg.labels or [], tmp / CONFUSION_PNG, f"{Path(data_path).name}"

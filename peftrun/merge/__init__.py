@@ -30,9 +30,9 @@ from peftrun.merge.verdict import (
     light_verdict,
     probe_logits,
 )
-from peftrun.model import DTYPES
-from peftrun.staging import staged_dir
-from peftrun.verify import ADAPTER_WEIGHTS, logit_tolerance
+from peftrun.model.load import DTYPES
+from peftrun.run.staging import staged_dir
+from peftrun.run.verify import ADAPTER_WEIGHTS, logit_tolerance
 
 CHECKS = ("full", "light")
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -194,7 +194,7 @@ def load_base(inputs: MergeInputs, dtype: torch.dtype, quantized: bool = False) 
         return inputs.task.model_class().from_pretrained(
             inputs.base_dir, dtype=dtype, trust_remote_code=inputs.trust_remote_code
         )
-    from peftrun.model import load_model
+    from peftrun.model.load import load_model
     from peftrun.recipe.schema import ModelConfig
 
     # peftrun's loader quantizes as training did and builds the head the run trained from (its size,
@@ -275,7 +275,7 @@ def judge(
 
 
 def _task_name(inputs: MergeInputs) -> str:
-    from peftrun.tasks import TASKS
+    from peftrun.model.tasks import TASKS
 
     return next(name for name, task in TASKS.items() if task is inputs.task)
 

@@ -22,7 +22,7 @@ import torch
 
 from peftrun.errors import UserError, did_you_mean
 from peftrun.merge.sources import ADAPTER_CONFIG, MergeInputs
-from peftrun.verify import ADAPTER_WEIGHTS
+from peftrun.run.verify import ADAPTER_WEIGHTS
 
 SAME_RANK = ("linear", "ties", "dare_ties", "dare_linear", "magnitude_prune")
 WITH_DENSITY = (

@@ -25,8 +25,8 @@ from peftrun.merge.sources import (
     inputs_from_run,
     is_run_dir,
 )
-from peftrun.staging import staged_dir
-from peftrun.verify import ADAPTER_WEIGHTS
+from peftrun.run.staging import staged_dir
+from peftrun.run.verify import ADAPTER_WEIGHTS
 
 FORMATS = ("adapter", "merged")
 

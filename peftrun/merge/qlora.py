@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from peftrun.model import DTYPES
+from peftrun.model.load import DTYPES
 from peftrun.recipe.schema import QuantizationConfig
 
 QLORA_BASES = ("dequantized", "original")

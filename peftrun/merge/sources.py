@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from peftrun.errors import UserError
-from peftrun.hub import require_local_or_reachable
-from peftrun.outputs import MANIFEST_FILE, RESOLVED_RECIPE
+from peftrun.model.hub import require_local_or_reachable
+from peftrun.model.tasks import TASKS, Task
 from peftrun.recipe.schema import QuantizationConfig
-from peftrun.tasks import TASKS, Task
+from peftrun.run.outputs import MANIFEST_FILE, RESOLVED_RECIPE
 
 ADAPTER_CONFIG = "adapter_config.json"
 # What a deployable checkpoint needs from a Hub snapshot (no optimizer states, no other formats).
@@ -40,7 +40,7 @@ class MergeInputs:
         """The base's config, with the trained head's classes (a classifier's base may have another head)."""
         from transformers import AutoConfig
 
-        from peftrun.model import label_kwargs
+        from peftrun.model.load import label_kwargs
 
         config = AutoConfig.from_pretrained(self.base_dir, trust_remote_code=self.trust_remote_code)
         for key, value in label_kwargs(self.labels).items():
@@ -67,7 +67,7 @@ def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
 def inputs_from_run(run_dir: Path) -> MergeInputs:
     """A run directory: the recipe says which base, task, dtype and quantization the adapter was trained on."""
     from peftrun.recipe.load import load_recipe
-    from peftrun.train import FINAL_DIR
+    from peftrun.train.loop import FINAL_DIR
 
     manifest = json.loads((run_dir / MANIFEST_FILE).read_text())
     recipe = load_recipe(run_dir / RESOLVED_RECIPE)

@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from peftrun.merge.lora import LoraUpdate, MergePlan
 from peftrun.merge.stream import base_weight_map
-from peftrun.verify import logit_diff, logits_on
+from peftrun.run.verify import logit_diff, logits_on
 
 LIGHT_SAMPLE = 8  # merged layers (and untouched tensors) checked by the light verdict
 LIGHT_ROWS = 256  # rows of each sampled untouched tensor compared

@@ -8,10 +8,10 @@ from typing import Any
 import torch
 
 from peftrun.errors import OptionError, UserError
-from peftrun.hub import require_local_or_reachable
-from peftrun.methods import apply_method, count_parameters, hold_frozen_norms_in_eval
+from peftrun.model.hub import require_local_or_reachable
+from peftrun.model.methods import apply_method, count_parameters, hold_frozen_norms_in_eval
+from peftrun.model.tasks import CLASSIFIER_HEADS, TASKS
 from peftrun.recipe.schema import ModelConfig, QuantizationConfig, Recipe
-from peftrun.tasks import CLASSIFIER_HEADS, TASKS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -178,7 +178,7 @@ def load_base(recipe: Recipe, device_map: Any = None) -> Any:
     """
     model = load_model(recipe.model, recipe.task, device_map, labels=recipe.data.labels)
     if recipe.data.packing and recipe.model.attn_implementation in (None, "sdpa"):
-        from peftrun.attention import register
+        from peftrun.cpu.attention import register
 
         model.set_attn_implementation(register())
     return model
@@ -207,7 +207,7 @@ def make_trainable(model: Any, recipe: Recipe) -> Any:
     model = apply_method(model, recipe.method, task.peft_task_type, task.head_modules)
     hold_frozen_norms_in_eval(model)
     if recipe.train.fused_lora:  # only peft LoRA Linear layers change (see fused_lora.py)
-        from peftrun.fused_lora import fuse_lora_layers
+        from peftrun.cpu.fused_lora import fuse_lora_layers
 
         fuse_lora_layers(model)
     return model

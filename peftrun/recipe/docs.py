@@ -75,7 +75,7 @@ def adapter_options_text(kind: str) -> str:
     """The options of one peft adapter, from peft's own dataclass (names, defaults, help)."""
     import dataclasses
 
-    from peftrun.methods import OPTION_ALIASES, OWNED_OPTIONS, adapter_kinds
+    from peftrun.model.methods import OPTION_ALIASES, OWNED_OPTIONS, adapter_kinds
 
     config_cls = adapter_kinds()[kind]
     aliases = {name: alias for alias, name in OPTION_ALIASES.items()}

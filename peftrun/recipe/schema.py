@@ -15,8 +15,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from peftrun.errors import OptionError
-from peftrun.methods import check_method_options, is_prompt_learning
-from peftrun.tasks import CLASSIFIER_TASKS, TASK_FORMATS
+from peftrun.model.methods import check_method_options, is_prompt_learning
+from peftrun.model.tasks import CLASSIFIER_TASKS, TASK_FORMATS
 
 
 class Section(BaseModel):

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from peftrun.tasks import model_inputs
+from peftrun.model.tasks import model_inputs
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 

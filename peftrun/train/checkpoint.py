@@ -21,9 +21,9 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 
-from peftrun.dist import checkpoint_load_kwargs, checkpoint_save_kwargs, is_deepspeed
+from peftrun.dist.accelerator import checkpoint_load_kwargs, checkpoint_save_kwargs, is_deepspeed
 from peftrun.errors import UserError
-from peftrun.staging import publish
+from peftrun.run.staging import publish
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"

@@ -18,27 +18,24 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from peftrun.checkpoint import (
-    TrainerState,
-    load_checkpoint,
-    register_trainable_only_hooks,
-    resolve_resume,
-    save_checkpoint,
-)
-from peftrun.cpu_matmul import use_cpu_matmul
-from peftrun.cpu_memory import keep_freed_memory
+from peftrun.cpu.matmul import use_cpu_matmul
+from peftrun.cpu.memory import keep_freed_memory
 from peftrun.data.sampling import EpochShuffle, LengthGroupedShuffle
-from peftrun.dist import gathered_model, make_accelerator, prepare_scheduler
+from peftrun.dist.accelerator import gathered_model, make_accelerator, prepare_scheduler
+from peftrun.dist.signals import SCHEDULER_SIGNALS, StopRequest, requeue_slurm_job, slurm_restarts
 from peftrun.errors import UserError
-from peftrun.methods import (
+from peftrun.model.load import DTYPES, load_base, load_processor, make_trainable
+from peftrun.model.methods import (
     MAY_ZERO_TENSORS,
     after_optimizer_step,
     count_parameters,
     mutates_base,
     set_total_steps,
 )
-from peftrun.model import DTYPES, load_base, load_processor, make_trainable
-from peftrun.outputs import (
+from peftrun.model.tasks import TASKS, Task, forward_logits
+from peftrun.recipe.load import recipe_to_yaml
+from peftrun.recipe.schema import Recipe, TrainConfig
+from peftrun.run.outputs import (
     MANIFEST_FILE,
     METRICS_FILE,
     PLOT_FILE,
@@ -47,13 +44,16 @@ from peftrun.outputs import (
     plot_losses,
     write_manifest,
 )
-from peftrun.preflight import preflight
-from peftrun.recipe.load import recipe_to_yaml
-from peftrun.recipe.schema import Recipe, TrainConfig
-from peftrun.signals import SCHEDULER_SIGNALS, StopRequest, requeue_slurm_job, slurm_restarts
-from peftrun.staging import staged_dir
-from peftrun.tasks import TASKS, Task, forward_logits
-from peftrun.verify import VerificationError, check_reload, check_tensors, logit_tolerance
+from peftrun.run.staging import staged_dir
+from peftrun.run.verify import VerificationError, check_reload, check_tensors, logit_tolerance
+from peftrun.train.checkpoint import (
+    TrainerState,
+    load_checkpoint,
+    register_trainable_only_hooks,
+    resolve_resume,
+    save_checkpoint,
+)
+from peftrun.train.preflight import preflight
 
 FINAL_DIR = "final"
 
@@ -422,7 +422,7 @@ def evaluate(
     loss = float(loss_sum) / max(targets, 1)
     if not task.classifier:
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
-    from peftrun.metrics import classification_metrics
+    from peftrun.evaluation.metrics import classification_metrics
 
     return {"loss": loss, **classification_metrics(true, predicted, label_names or [])}
 

@@ -9,13 +9,13 @@ import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
-from peftrun.checkpoint import resolve_resume
-from peftrun.cpu_matmul import resolve as resolve_cpu_matmul
+from peftrun.cpu.matmul import resolve as resolve_cpu_matmul
 from peftrun.data.sources import check_source
-from peftrun.dist import grad_accum_steps, launcher_world_size
+from peftrun.dist.accelerator import grad_accum_steps, launcher_world_size
 from peftrun.errors import UserError
-from peftrun.model import check_method_against_architecture, load_model_config
+from peftrun.model.load import check_method_against_architecture, load_model_config
 from peftrun.recipe.schema import Recipe
+from peftrun.train.checkpoint import resolve_resume
 
 _OPTIONAL_PACKAGES = {"wandb": "wandb", "mlflow": "mlflow"}
 

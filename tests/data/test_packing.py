@@ -78,7 +78,7 @@ def test_a_packed_row_gives_each_sample_its_own_logits(
     its sample run alone, on the attention path actually used (rotary and learned positions alike)."""
     from transformers import AutoModelForCausalLM
 
-    from peftrun.attention import register
+    from peftrun.cpu.attention import register
 
     path = tiny_llama if family == "llama" else tiny_gpt2
     model = AutoModelForCausalLM.from_pretrained(
@@ -126,7 +126,7 @@ def test_packed_losses_and_gradients_equal_unpacked(tiny_llama: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from peftrun.data import collate
-    from peftrun.tasks import TASKS
+    from peftrun.model.tasks import TASKS
 
     task = TASKS["causal_lm"]
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)

@@ -21,7 +21,7 @@ WORDS = ["apple", "river", "stone", "cloud", "green", "music", "paper", "light",
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from peftrun.tiny import build_tokenizer
+    from peftrun.demo.tiny import build_tokenizer
 
     corpus = [ALPACA_NO_INPUT, " ".join(WORDS)] * 4
     return build_tokenizer(tmp_path_factory.mktemp("tok"), corpus, vocab_size=400)

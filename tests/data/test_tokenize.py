@@ -25,7 +25,7 @@ CONVERSATION = [
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from peftrun.tiny import build_tokenizer
+    from peftrun.demo.tiny import build_tokenizer
 
     corpus = [ALPACA_WITH_INPUT, ALPACA_NO_INPUT, WORDS] * 4
     return build_tokenizer(tmp_path_factory.mktemp("tok"), corpus, vocab_size=400)
