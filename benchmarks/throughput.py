@@ -12,8 +12,8 @@ in fresh subprocesses, alternating the sides (A B C A B C ...) so that the machi
   linear layers, micro-batch 4, seq 512;
 - peftrun, packing off: `peftrun train` on the same data, model and LoRA settings, same batches shape;
 - peftrun, packing on: the same with `data.packing=true` (rows of up to 512 tokens);
-- peftrun, packing on, `train.fused_lora=false`: peft's own LoRA layers, to measure that switch;
-- peftrun, packing on, `train.cpu_matmul=torch`: torch's default BLAS instead of oneDNN, the same.
+- peftrun, packing on, `cpu.fused_lora=false`: peft's own LoRA layers, to measure that switch;
+- peftrun, packing on, `cpu.matmul=torch`: torch's default BLAS instead of oneDNN, the same.
 
 Figures per side: median over rounds of the non-padding tokens/s of the training loop (per-step
 figures from step 4 on, so start-up is left out), peak RSS of the process, and the final loss; then
@@ -46,12 +46,12 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-# peftrun's sides: packing on or off, and the `train` switches each one sets (the rest are defaults).
+# peftrun's sides: packing on or off, and the `cpu` switches each one sets (the rest are defaults).
 PEFTRUN_SIDES: dict[str, tuple[bool, dict[str, Any]]] = {
     "peftrun": (False, {}),
     "peftrun_packed": (True, {}),
     "peftrun_packed_peft_lora": (True, {"fused_lora": False}),
-    "peftrun_packed_torch_matmul": (True, {"cpu_matmul": "torch"}),
+    "peftrun_packed_torch_matmul": (True, {"matmul": "torch"}),
 }
 SIDES = ("baseline", *PEFTRUN_SIDES)
 WARMUP_STEPS = 3  # per-step figures of these first steps are left out (allocations, lazy imports)
@@ -279,8 +279,8 @@ def run_peftrun(
             "lr": LR,
             "scheduler": "cosine",
             "warmup_steps": 0,
-            **switches,
         },
+        "cpu": switches,
         "logging": {"every_steps": 1, "report_to": [], "progress_bar": False, "plot": False},
         "checkpoint": {"at_end": False},
     }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +24,6 @@ from peftrun.cpu.matmul import (
 )
 
 pytestmark = pytest.mark.skipif(not cpu_matmul.onednn_available(), reason="torch built without oneDNN")
-
-
-@pytest.fixture(autouse=True)
-def restore_backend() -> Iterator[None]:
-    before = cpu_matmul._backend.onednn
-    yield
-    cpu_matmul._backend.onednn = before
 
 
 def _onednn_inputs(fn: Callable[[], Any]) -> list[list[int]]:
@@ -58,7 +51,6 @@ def _close_to_float64(got: torch.Tensor, want64: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("rows", [1280, 1150, 1101])  # a full bucket (of 256), and two that are not
 def test_products_equal_float64_for_any_token_count(rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    cpu_matmul._backend.onednn = True
     monkeypatch.setattr(cpu_matmul, "BUCKETED_MIN_MACS", 0)  # these small products take the bucketed routes
     torch.manual_seed(0)
     x, wide, narrow, bias = torch.randn(rows, 96), torch.randn(300, 96), torch.randn(80, 96), torch.randn(300)
@@ -80,7 +72,6 @@ def test_products_equal_float64_for_any_token_count(rows: int, monkeypatch: pyte
 
 
 def test_off_bucket_token_counts_take_onednn_only_for_large_products() -> None:
-    cpu_matmul._backend.onednn = True
     weight = torch.randn(512, 512)
     assert _onednn_calls(lambda: linear(torch.randn(1280, 512), weight)) == 1  # a full bucket
     assert _onednn_calls(lambda: linear(torch.randn(1150, 512), weight)) == 0  # 0.3G multiply-adds
@@ -89,13 +80,11 @@ def test_off_bucket_token_counts_take_onednn_only_for_large_products() -> None:
 
 
 def test_small_products_and_other_dtypes_keep_torchs_path() -> None:
-    cpu_matmul._backend.onednn = True
     small, weight = torch.randn(8, 32), torch.randn(16, 32)
     assert _onednn_calls(lambda: linear(small, weight)) == 0
     big = torch.randn(2048, 64, dtype=torch.float64)
     assert _onednn_calls(lambda: linear(big, torch.randn(64, 64, dtype=torch.float64))) == 0
-    cpu_matmul._backend.onednn = False
-    assert _onednn_calls(lambda: linear(torch.randn(2048, 64), torch.randn(64, 64))) == 0
+    assert _onednn_calls(lambda: linear(torch.randn(2048, 64), torch.randn(64, 64), onednn=False)) == 0
 
 
 @pytest.mark.parametrize("trainable_weight", [True, False])
@@ -200,7 +189,8 @@ def test_training_through_onednn_gives_torchs_losses(
             model={"name_or_path": str(wide)},
             method={"kind": "lora", "r": 8, "alpha": 16, "dropout": 0.1, "target_modules": "all-linear"},
             data={"packing": True, "max_seq_len": 256},
-            train={"max_steps": 3, "micro_batch_size": 4, "cpu_matmul": choice},
+            train={"max_steps": 3, "micro_batch_size": 4},
+            cpu={"matmul": choice},
         )
         result = train(load_recipe(recipe, []))
         assert result.final_dir is not None  # saved and verified (tensors, reload logits)

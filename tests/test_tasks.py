@@ -392,8 +392,8 @@ def test_verification_catches_an_adapter_whose_head_was_not_trained(bert_recipe:
     from safetensors.torch import save_file
 
     from peftrun.model.load import load_base
+    from peftrun.run.run_dir import reload_artefact
     from peftrun.run.verify import VerificationError, check_reload
-    from peftrun.train.loop import reload_artefact
 
     result = run(bert_recipe())
     assert result.final_dir is not None

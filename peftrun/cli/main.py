@@ -210,7 +210,7 @@ def _run_inference(args: argparse.Namespace) -> int:
 
     if args.command == "eval":
         out, result = evaluate_run(args.run_dir, args.data, args.out)
-        from peftrun.train.loop import eval_summary
+        from peftrun.evaluation.evaluate import eval_summary
 
         print(f"[peftrun] {args.data}: {result['samples']} samples, {eval_summary(result)}")
         print(f"[peftrun] wrote {out}")

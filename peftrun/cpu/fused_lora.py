@@ -21,7 +21,8 @@ It applies to peft's `lora.Linear` over a frozen `nn.Linear` with one active pla
 other variant, no LoRA bias) whose weights share the input's dtype, on CPU tensors, in training,
 without autocast and outside ZeRO-3 (whose hooks gather weights per module call). Anything else runs
 peft's own forward, unchanged. Parameters, names and state dicts are peft's: the layer only changes
-class. `train.fused_lora: false` leaves peft's layers alone.
+class. `cpu.fused_lora: false` leaves peft's layers alone, and so does any device but the CPU (see
+tune.py). Its products go through oneDNN when the base layer does (`OneDNNLinear`, matmul.py).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
-from peftrun.cpu.matmul import PLAIN_LINEAR, input_grad, linear, weight_grad
+from peftrun.cpu.matmul import PLAIN_LINEAR, OneDNNLinear, input_grad, linear, weight_grad
 
 
 def keep_mask(shape: torch.Size, p: float, seed: int) -> tuple[torch.Tensor, float]:
@@ -65,40 +66,42 @@ class _LoraLinearFunction(torch.autograd.Function):
         lora_b: torch.Tensor,
         scaling: float,
         p: float,
+        onednn: bool,
     ) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        out = linear(flat, weight, bias)  # oneDNN where train.cpu_matmul chose it (cpu_matmul.py)
+        out = linear(flat, weight, bias, onednn)  # oneDNN where cpu.matmul chose it (matmul.py)
         keep, scale = None, 1.0
         dropped = flat
         if p > 0:
             keep, scale = keep_mask(flat.shape, p, next_seed())
             # where(), not flat * keep: a bool operand of mul is first copied to a float tensor.
             dropped = torch.where(keep, flat, 0.0)  # the survivors' scale goes on the r-wide side
-        hidden = linear(dropped, lora_a).mul_(scale)  # [tokens, r]
+        hidden = linear(dropped, lora_a, onednn=onednn).mul_(scale)  # [tokens, r]
         out.addmm_(hidden, lora_b.t(), alpha=scaling)
         ctx.save_for_backward(flat, weight, lora_a, lora_b, hidden, keep)
-        ctx.scaling, ctx.scale, ctx.x_shape = scaling, scale, x.shape
+        ctx.scaling, ctx.scale, ctx.x_shape, ctx.onednn = scaling, scale, x.shape, onednn
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         flat, weight, lora_a, lora_b, hidden, keep = ctx.saved_tensors
         grad = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_hidden = input_grad(grad, lora_b).mul_(ctx.scaling)  # [tokens, r]
-        grad_b = weight_grad(grad, hidden).mul_(ctx.scaling)
+        onednn = ctx.onednn
+        grad_hidden = input_grad(grad, lora_b, onednn).mul_(ctx.scaling)  # [tokens, r]
+        grad_b = weight_grad(grad, hidden, onednn).mul_(ctx.scaling)
         # The dropped input is recomputed rather than kept: one pass, against a float copy per layer.
         dropped = flat if keep is None else torch.where(keep, flat, 0.0)
-        grad_a = weight_grad(grad_hidden, dropped).mul_(ctx.scale)
+        grad_a = weight_grad(grad_hidden, dropped, onednn).mul_(ctx.scale)
         grad_x = None
         if ctx.needs_input_grad[0]:
             if keep is None:
-                grad_x = input_grad(grad, weight).addmm_(grad_hidden, lora_a)
+                grad_x = input_grad(grad, weight, onednn).addmm_(grad_hidden, lora_a)
             else:
-                grad_x = input_grad(grad, weight).addcmul_(
-                    input_grad(grad_hidden, lora_a), keep, value=ctx.scale
+                grad_x = input_grad(grad, weight, onednn).addcmul_(
+                    input_grad(grad_hidden, lora_a, onednn), keep, value=ctx.scale
                 )
             grad_x = grad_x.view(ctx.x_shape)
-        return grad_x, None, None, grad_a, grad_b, None, None
+        return grad_x, None, None, grad_a, grad_b, None, None, None
 
 
 class FusedLoraLinear(LoraLinear):
@@ -118,6 +121,7 @@ class FusedLoraLinear(LoraLinear):
             self.lora_B[adapter].weight,
             float(self.scaling[adapter]),
             float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0,
+            type(base) is OneDNNLinear,
         )
 
     def _fusable_adapter(self, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:

@@ -12,10 +12,12 @@ project's machines (AMD EPYC, Zen 5, AVX-512, 2 cores), measured with the throug
 The values are fp32 products with fp32 accumulation either way; only the order of the sums differs
 (differences of a few ulps, as between two BLAS libraries).
 
-`train.cpu_matmul` decides: `auto` (the default) takes oneDNN on CPUs with AVX-512, the case measured
+`cpu.matmul` decides: `auto` (the default) takes oneDNN on CPUs with AVX-512, the case measured
 above, and torch's own path on others; `onednn` and `torch` force one. With oneDNN chosen, every plain
 `nn.Linear` of the model changes class to `OneDNNLinear` (names, parameters and state dicts unchanged)
-and the fused LoRA layers (fused_lora.py) compute their products here. A product below `MIN_MACS`
+and the fused LoRA layers over such a layer (fused_lora.py) compute their products here. The choice
+lives in the model (its layers' classes), not in this module: the product functions below take it as
+an argument. A product below `MIN_MACS`
 multiply-adds keeps torch's path: oneDNN's fixed cost per call (~10 us) outweighs its speed there.
 Anything that is not fp32 on CPU, runs under autocast or has ZeRO-3's partitioned weights goes
 through torch unchanged.
@@ -38,13 +40,6 @@ MIN_MACS = 1 << 22  # below ~4M multiply-adds per product, torch's path is the f
 BUCKETED_MIN_MACS = 1 << 31  # token counts off a bucket: only products this large (see linear)
 
 
-class _Backend:
-    onednn = False  # set once per process by use_cpu_matmul()
-
-
-_backend = _Backend()
-
-
 def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -55,18 +50,15 @@ def resolve(choice: CpuMatmul) -> bool:
         return False
     if choice == "onednn":
         if not onednn_available():
-            raise UserError(
-                "train.cpu_matmul: 'onednn' is not available in this torch build (use auto or torch)"
-            )
+            raise UserError("cpu.matmul: 'onednn' is not available in this torch build (use auto or torch)")
         return True
     return onednn_available() and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def _onednn_fits(a: torch.Tensor, weight: torch.Tensor) -> bool:
-    """oneDNN for this product: on, fp32 CPU tensors, large enough to gain."""
+    """oneDNN for this product: fp32 CPU tensors, large enough to gain."""
     return (
-        _backend.onednn
-        and a.dtype == weight.dtype == torch.float32
+        a.dtype == weight.dtype == torch.float32
         and a.device.type == weight.device.type == "cpu"
         and a.numel() * weight.shape[0] >= MIN_MACS
     )
@@ -83,8 +75,11 @@ def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, onednn: bool = True
+) -> torch.Tensor:
     """x @ weight.T (+ bias), as F.linear; x may have any leading dimensions, the weight either layout.
+    `onednn=False` is torch's path for every product.
 
     oneDNN builds (and keeps) kernels for every shape it meets: tens of ms, and a few MB that stay,
     per product shape. Token counts that fill a bucket (`bucket_step`; packed rows do) run as they
@@ -94,7 +89,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     torch); a smaller one goes through torch, where a kernel per bucket and product would cost more
     memory (measured: ~60-90 MB of peak RSS for the benchmark's last-layer MLP) than it saves time.
     """
-    if not _onednn_fits(x, weight):
+    if not (onednn and _onednn_fits(x, weight)):
         return F.linear(x, weight, bias)
     flat = x.reshape(-1, x.shape[-1])
     rows = flat.shape[0]
@@ -113,19 +108,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-def input_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def input_grad(grad: torch.Tensor, weight: torch.Tensor, onednn: bool = True) -> torch.Tensor:
     """grad @ weight: the input gradient of linear(x, weight) for grad [tokens, out]."""
-    return linear(grad, weight.t())
+    return linear(grad, weight.t(), onednn=onednn)
 
 
-def weight_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def weight_grad(grad: torch.Tensor, x: torch.Tensor, onednn: bool = True) -> torch.Tensor:
     """grad.T @ x: the weight gradient of linear(x, weight), for grad [tokens, out] and x [tokens, in].
 
     The tokens are the contraction here, so oneDNN takes only token counts that fill their bucket
     (packed rows do); others go through torch. oneDNN copies a strided input while its weight may be
     either layout, so the thinner of the two transposed operands is the one given as the input.
     """
-    if grad.shape[0] % bucket_step(grad.shape[0]) or not _onednn_fits(grad.t(), x.t()):
+    if not onednn or grad.shape[0] % bucket_step(grad.shape[0]) or not _onednn_fits(grad.t(), x.t()):
         return grad.t() @ x
     if grad.shape[1] <= x.shape[1]:
         return _onednn(grad.t().contiguous(), x.t(), None)
@@ -173,10 +168,10 @@ PLAIN_LINEAR = (nn.Linear, OneDNNLinear)  # the same layer, whichever path its p
 
 
 def use_cpu_matmul(model: nn.Module, choice: CpuMatmul) -> bool:
-    """Resolve `choice` for this process; with oneDNN, every plain nn.Linear of `model` uses it."""
-    _backend.onednn = resolve(choice)
-    if _backend.onednn:
+    """Resolve `choice` on this machine; with oneDNN, every plain nn.Linear of `model` uses it."""
+    onednn = resolve(choice)
+    if onednn:
         for module in model.modules():
             if type(module) is nn.Linear:
                 module.__class__ = OneDNNLinear
-    return _backend.onednn
+    return onednn

@@ -3,7 +3,8 @@
 Both load a finished run the way a user would (RUN_DIR/final: the saved model or adapter, its tokenizer
 or image processor, and the resolved recipe that says the task, the data format and the class names)
 and read FILE with the same readers and checks as training. Evaluation is the training loop's own
-`evaluate`, so the numbers are the ones training logged for the same data.
+`evaluate`, so the numbers are the ones training logged for the same data. What `predict` writes per
+row is the task's (`TaskTraits.predicts` in the recipe schema): a class, or masked tokens filled.
 """
 
 from __future__ import annotations
@@ -14,10 +15,16 @@ from typing import Any
 
 import torch
 
+from peftrun.data import pad_id_for
+from peftrun.data.tokenize import pad
 from peftrun.errors import UserError
+from peftrun.evaluation.evaluate import evaluate
+from peftrun.model.load import load_processor
 from peftrun.model.tasks import TASKS, Task, forward_logits, model_inputs
+from peftrun.recipe.load import load_recipe
 from peftrun.recipe.schema import DataConfig, Recipe
 from peftrun.run.outputs import RESOLVED_RECIPE
+from peftrun.run.run_dir import FINAL_DIR, final_dir, reload_artefact, tokenized_cache_dir
 from peftrun.run.staging import staged_dir, staged_file
 
 METRICS_JSON = "metrics.json"
@@ -28,12 +35,8 @@ class LoadedRun:
     """A run's final artefact, ready to run on new data."""
 
     def __init__(self, run_dir: str | Path) -> None:
-        from peftrun.model.load import load_processor
-        from peftrun.recipe.load import load_recipe
-        from peftrun.train.loop import FINAL_DIR, reload_artefact
-
         self.run_dir = Path(run_dir)
-        self.final = self.run_dir / FINAL_DIR
+        self.final = final_dir(self.run_dir)
         if not (self.final / RESOLVED_RECIPE).is_file():
             raise UserError(f"{self.run_dir}: not a finished peftrun run (no {FINAL_DIR}/{RESOLVED_RECIPE})")
         self.recipe: Recipe = load_recipe(self.final / RESOLVED_RECIPE)
@@ -70,12 +73,10 @@ def evaluate_run(
     confusion_matrix.png); out_dir defaults to RUN_DIR/eval/<file name>. Written atomically."""
     from accelerate import Accelerator
 
-    from peftrun.train.loop import _cache_dir, evaluate
-
     _check_file(data_path)
     run = LoadedRun(run_dir)
     cfg = run.data_config(data_path)
-    data = run.task.prepare(cfg, run.processor, run.recipe.train.seed, _cache_dir())
+    data = run.task.prepare(cfg, run.processor, run.recipe.train.seed, tokenized_cache_dir())
     collate = run.task.collator(run.processor, cfg, False, run.recipe.train.seed)
     accelerator = Accelerator()
     model = run.model.to(accelerator.device)
@@ -87,7 +88,7 @@ def evaluate_run(
     out = Path(out_dir) if out_dir is not None else run.run_dir / "eval" / Path(data_path).name
     with staged_dir(out) as tmp:
         (tmp / METRICS_JSON).write_text(json.dumps(result, indent=1))
-        if run.task.classifier:
+        if run.task.predicts_labels:
             from peftrun.evaluation.metrics import plot_confusion_matrix
 
             plot_confusion_matrix(
@@ -103,41 +104,43 @@ def predict_run(run_dir: str | Path, data_path: str, out_path: str | Path) -> in
     Returns the number of rows written."""
     _check_file(data_path)
     run = LoadedRun(run_dir)
-    if not run.task.classifier and run.recipe.task != "masked_lm":
+    if run.task.traits.predicts is None:
         raise UserError(
             f"predict: runs of task {run.recipe.task} are not supported (classifiers and masked_lm are); "
             "use `peftrun eval` for loss and perplexity"
         )
     cfg = run.data_config(data_path)
     data = run.task.prepare(cfg, run.processor, run.recipe.train.seed, None, labelled=False)
-    records: list[dict[str, Any]] = []
-    if run.task.classifier:
-        collate = run.task.collator(run.processor, cfg, False, run.recipe.train.seed)
-        names = cfg.labels or []
-        for start in range(0, len(data.train), run.batch_size):
-            samples = [data.train[i] for i in range(start, min(start + run.batch_size, len(data.train)))]
-            probs = forward_logits(run.model, collate(samples)).float().softmax(-1)
-            for sample, p in zip(samples, probs.tolist(), strict=True):
-                best = max(range(len(p)), key=p.__getitem__)
-                records.append(
-                    {
-                        "row": sample["row"],
-                        "label": names[best],
-                        "score": p[best],
-                        "probs": dict(zip(names, p, strict=True)),
-                    }
-                )
-    else:
-        records = _fill_masks(run, data.train)
+    predict = _classify if run.task.traits.predicts == "label" else _fill_masks
+    records = predict(run, cfg, data.train)
     with staged_file(Path(out_path)) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
     return len(records)
 
 
-def _fill_masks(run: LoadedRun, dataset: Any) -> list[dict[str, Any]]:
-    from peftrun.data import pad_id_for
-    from peftrun.data.tokenize import pad
+def _classify(run: LoadedRun, cfg: DataConfig, dataset: Any) -> list[dict[str, Any]]:
+    """The predicted class of each row, its probability and every class's."""
+    collate = run.task.collator(run.processor, cfg, False, run.recipe.train.seed)
+    names = cfg.labels or []
+    records: list[dict[str, Any]] = []
+    for start in range(0, len(dataset), run.batch_size):
+        samples = [dataset[i] for i in range(start, min(start + run.batch_size, len(dataset)))]
+        probs = forward_logits(run.model, collate(samples)).float().softmax(-1)
+        for sample, p in zip(samples, probs.tolist(), strict=True):
+            best = max(range(len(p)), key=p.__getitem__)
+            records.append(
+                {
+                    "row": sample["row"],
+                    "label": names[best],
+                    "score": p[best],
+                    "probs": dict(zip(names, p, strict=True)),
+                }
+            )
+    return records
 
+
+def _fill_masks(run: LoadedRun, cfg: DataConfig, dataset: Any) -> list[dict[str, Any]]:
+    """Each row's text with its [MASK] tokens filled by the model's best guess."""
     tokenizer = run.processor
     records = []
     for i in range(len(dataset)):

@@ -13,9 +13,12 @@ from typing import Any
 
 from peftrun.errors import UserError
 from peftrun.model.hub import require_local_or_reachable
+from peftrun.model.methods import NON_ADAPTER_KINDS
 from peftrun.model.tasks import TASKS, Task
+from peftrun.recipe.load import load_recipe
 from peftrun.recipe.schema import QuantizationConfig
 from peftrun.run.outputs import MANIFEST_FILE, RESOLVED_RECIPE
+from peftrun.run.run_dir import FINAL_DIR
 
 ADAPTER_CONFIG = "adapter_config.json"
 # What a deployable checkpoint needs from a Hub snapshot (no optimizer states, no other formats).
@@ -66,13 +69,10 @@ def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
 
 def inputs_from_run(run_dir: Path) -> MergeInputs:
     """A run directory: the recipe says which base, task, dtype and quantization the adapter was trained on."""
-    from peftrun.recipe.load import load_recipe
-    from peftrun.train.loop import FINAL_DIR
-
     manifest = json.loads((run_dir / MANIFEST_FILE).read_text())
     recipe = load_recipe(run_dir / RESOLVED_RECIPE)
     final = run_dir / manifest.get("final", FINAL_DIR)
-    if recipe.method.kind in ("full", "frozen"):
+    if recipe.method.kind in NON_ADAPTER_KINDS:
         raise UserError(
             f"{run_dir}: method '{recipe.method.kind}' trained the model's own weights; there is no adapter to "
             f"merge and {final} already is a transformers checkpoint"

@@ -7,9 +7,15 @@ from typing import Any
 
 import torch
 
+from peftrun.cpu.attention import register as register_packed_sdpa
 from peftrun.errors import OptionError, UserError
 from peftrun.model.hub import require_local_or_reachable
-from peftrun.model.methods import apply_method, count_parameters, hold_frozen_norms_in_eval
+from peftrun.model.methods import (
+    NON_ADAPTER_KINDS,
+    apply_method,
+    count_parameters,
+    hold_frozen_norms_in_eval,
+)
 from peftrun.model.tasks import CLASSIFIER_HEADS, TASKS
 from peftrun.recipe.schema import ModelConfig, QuantizationConfig, Recipe
 
@@ -173,14 +179,13 @@ def _load_weights(cfg: ModelConfig, model_class: Any, device_map: Any, labels: l
 def load_base(recipe: Recipe, device_map: Any = None) -> Any:
     """The recipe's base model, with the class names its data resolved to (classifiers).
 
-    Packed training gets attention that runs each sample of a row on its own (attention.py) unless
-    the recipe picked a kernel: with sdpa's generic path a packed row costs its full length squared.
+    Packed training gets attention that runs each sample of a row on its own (cpu/attention.py, on any
+    device) unless the recipe picked a kernel: with sdpa's generic path a packed row costs its full
+    length squared.
     """
     model = load_model(recipe.model, recipe.task, device_map, labels=recipe.data.labels)
     if recipe.data.packing and recipe.model.attn_implementation in (None, "sdpa"):
-        from peftrun.cpu.attention import register
-
-        model.set_attn_implementation(register())
+        model.set_attn_implementation(register_packed_sdpa())
     return model
 
 
@@ -200,16 +205,12 @@ def make_trainable(model: Any, recipe: Recipe) -> Any:
         )
     elif recipe.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if recipe.method.kind not in ("full", "frozen"):
+        if recipe.method.kind not in NON_ADAPTER_KINDS:
             # Frozen embeddings give checkpointed blocks inputs without grad; adapters inside still need it.
             model.enable_input_require_grads()
     task = TASKS[recipe.task]
     model = apply_method(model, recipe.method, task.peft_task_type, task.head_modules)
     hold_frozen_norms_in_eval(model)
-    if recipe.train.fused_lora:  # only peft LoRA Linear layers change (see fused_lora.py)
-        from peftrun.cpu.fused_lora import fuse_lora_layers
-
-        fuse_lora_layers(model)
     return model
 
 

@@ -5,23 +5,34 @@ a target is a supervised token for the language-model tasks and a sample for the
 loop's weighting (every target weighs the same whatever micro-batch, accumulation step or rank it is
 on) holds for all of them.
 
-This module imports no torch at import time: the recipe schema reads the task names and formats.
+The recipe schema owns each task's name, data formats and classifier flag (`TASK_TRAITS`); this module
+adds how the task trains and evaluates. It imports no torch at import time (the command line's
+startup stays quick).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
+from peftrun.data import collate, pad_id_for, prepare_data
+from peftrun.data.encoder_text import (
+    MaskingCollator,
+    collate_classification,
+    prepare_masked_lm,
+    prepare_text_classification,
+)
+from peftrun.data.images import ImageCollator, prepare_images
+from peftrun.data.packing import collate_packed, pack_dataset
 from peftrun.data.rows import TaskData
 from peftrun.data.tokenize import IGNORE_INDEX
+from peftrun.recipe.schema import TASK_TRAITS, DataConfig, TaskTraits
 
 if TYPE_CHECKING:
     import torch
-
-    from peftrun.recipe.schema import DataConfig
 
 Batch = dict[str, "torch.Tensor"]
 
@@ -206,19 +217,33 @@ def images_in(batch: Batch) -> int:
     return int(batch["pixel_values"].shape[0])
 
 
+# ---- evaluation metrics beside the loss ---------------------------------------------------------------------
+
+
+def language_model_metrics(
+    loss: float, true: list[int], predicted: list[int], names: list[str]
+) -> dict[str, Any]:
+    return {"perplexity": math.exp(min(loss, 50.0))}
+
+
+def classifier_metrics(
+    loss: float, true: list[int], predicted: list[int], names: list[str]
+) -> dict[str, Any]:
+    # scikit-learn is imported when a classifier is evaluated, not with every command.
+    from peftrun.evaluation.metrics import classification_metrics
+
+    return classification_metrics(true, predicted, names)
+
+
 # ---- data: rows -> samples, samples -> batches ----------------------------------------------------------
 
 
 def causal_lm_data(
     cfg: DataConfig, tokenizer: Any, seed: int, cache_dir: Any, labelled: bool = True
 ) -> TaskData:
-    from peftrun.data import prepare_data
-
     data = prepare_data(cfg, tokenizer, seed, cache_dir=cache_dir)
     if not cfg.packing:
         return TaskData(data.train, data.eval, data.report)
-    from peftrun.data.packing import pack_dataset
-
     # Only training is packed: evaluation losses are per-sample sums either way.
     packed = pack_dataset(data.train, cfg.max_seq_len)
     data.report.packed_rows, data.report.packed_capacity = len(packed), cfg.max_seq_len
@@ -226,53 +251,36 @@ def causal_lm_data(
 
 
 def causal_lm_collator(tokenizer: Any, cfg: DataConfig, train: bool, seed: int) -> Callable[..., Batch]:
-    from peftrun.data import collate, pad_id_for
-    from peftrun.data.packing import collate_packed
-
     return partial(collate_packed if cfg.packing and train else collate, pad_id=pad_id_for(tokenizer))
 
 
 def masked_lm_data(
     cfg: DataConfig, tokenizer: Any, seed: int, cache_dir: Any, labelled: bool = True
 ) -> TaskData:
-    from peftrun.data.encoder_text import prepare_masked_lm
-
     return prepare_masked_lm(cfg, tokenizer, seed)
 
 
 def masked_lm_collator(tokenizer: Any, cfg: DataConfig, train: bool, seed: int) -> Callable[..., Batch]:
-    from peftrun.data import pad_id_for
-    from peftrun.data.encoder_text import MaskingCollator
-
     return MaskingCollator(tokenizer, cfg.mask_rate, seed, pad_id_for(tokenizer))
 
 
 def text_classification_data(
     cfg: DataConfig, tokenizer: Any, seed: int, cache_dir: Any, labelled: bool = True
 ) -> TaskData:
-    from peftrun.data.encoder_text import prepare_text_classification
-
     return prepare_text_classification(cfg, tokenizer, seed, labelled)
 
 
 def text_classification_collator(
     tokenizer: Any, cfg: DataConfig, train: bool, seed: int
 ) -> Callable[..., Batch]:
-    from peftrun.data import pad_id_for
-    from peftrun.data.encoder_text import collate_classification
-
     return partial(collate_classification, pad_id=pad_id_for(tokenizer))
 
 
 def image_data(cfg: DataConfig, processor: Any, seed: int, cache_dir: Any, labelled: bool = True) -> TaskData:
-    from peftrun.data.images import prepare_images
-
     return prepare_images(cfg, processor, seed, labelled)
 
 
 def image_collator(processor: Any, cfg: DataConfig, train: bool, seed: int) -> Callable[..., Batch]:
-    from peftrun.data.images import ImageCollator
-
     return ImageCollator(processor, augment=cfg.augment and train, seed=seed)
 
 
@@ -284,7 +292,6 @@ class Task:
     name: str
     auto_class: str  # the transformers Auto class that loads the model
     peft_task_type: str | None  # peft's TaskType, which picks the PeftModel wrapper (None: the plain one)
-    formats: tuple[str, ...]  # data formats it reads; the first is the default
     processor: Literal["tokenizer", "image_processor"]  # what turns raw inputs into model inputs
     loss: Callable[
         [torch.Tensor, Batch], torch.Tensor
@@ -293,10 +300,25 @@ class Task:
     input_units: Callable[[Batch], int]  # tokens or images in a batch, for throughput
     prepare: Callable[..., TaskData]  # (data config, processor, seed, cache dir, labelled) -> TaskData
     collator: Callable[[Any, DataConfig, bool, int], Callable[..., Batch]]  # (processor, cfg, train, seed)
-    classifier: bool = False  # labels named by the data, a new head, classification metrics
+    # (eval loss, true labels, predicted labels, class names) -> metrics beside the loss
+    metrics: Callable[[float, list[int], list[int], list[str]], dict[str, Any]] = language_model_metrics
     head_modules: tuple[str, ...] = ()  # the new head: trained and saved beside an adapter
     # (model, batch) -> what `loss` gives on the model's logits, computed more cheaply (training only)
     fast_loss: Callable[[Any, Batch], torch.Tensor] | None = None
+
+    @property
+    def traits(self) -> TaskTraits:
+        """The recipe's facts about the task: its data formats, whether it is a classifier, what it predicts."""
+        return TASK_TRAITS[self.name]
+
+    @property
+    def classifier(self) -> bool:
+        return self.traits.classifier
+
+    @property
+    def predicts_labels(self) -> bool:
+        """Whether evaluation compares predicted with true labels (classifiers), not only the loss."""
+        return self.traits.predicts == "label"
 
     def model_class(self) -> Any:
         import transformers
@@ -318,7 +340,6 @@ TASKS: dict[str, Task] = {
             "causal_lm",
             "AutoModelForCausalLM",
             "CAUSAL_LM",
-            ("alpaca", "chat", "text"),
             "tokenizer",
             causal_lm_loss,
             causal_lm_targets,
@@ -331,7 +352,6 @@ TASKS: dict[str, Task] = {
             "masked_lm",
             "AutoModelForMaskedLM",
             None,  # peft has no masked-LM wrapper; the plain PeftModel forwards everything
-            ("text",),
             "tokenizer",
             masked_lm_loss,
             masked_lm_targets,
@@ -343,31 +363,29 @@ TASKS: dict[str, Task] = {
             "sequence_classification",
             "AutoModelForSequenceClassification",
             "SEQ_CLS",
-            ("classification",),
             "tokenizer",
             class_loss,
             one_per_sample,
             tokens_in,
             text_classification_data,
             text_classification_collator,
-            classifier=True,
+            metrics=classifier_metrics,
             head_modules=CLASSIFIER_HEADS,
         ),
         Task(
             "image_classification",
             "AutoModelForImageClassification",
             None,  # peft has no image task type: the head goes into modules_to_save by name
-            ("images",),
             "image_processor",
             class_loss,
             one_per_sample,
             images_in,
             image_data,
             image_collator,
-            classifier=True,
+            metrics=classifier_metrics,
             head_modules=CLASSIFIER_HEADS,
         ),
     )
 }
-TASK_FORMATS = {name: task.formats for name, task in TASKS.items()}
-CLASSIFIER_TASKS = frozenset(name for name, task in TASKS.items() if task.classifier)
+if set(TASKS) != set(TASK_TRAITS):
+    raise RuntimeError("internal: peftrun.model.tasks and the recipe's TASK_TRAITS name different tasks")

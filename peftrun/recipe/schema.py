@@ -9,14 +9,14 @@ with the file, the dotted key and a did-you-mean suggestion.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from peftrun.errors import OptionError
-from peftrun.model.methods import check_method_options, is_prompt_learning
-from peftrun.model.tasks import CLASSIFIER_TASKS, TASK_FORMATS
+from peftrun.model.methods import NON_ADAPTER_KINDS, check_method_options, is_prompt_learning
 
 
 class Section(BaseModel):
@@ -25,7 +25,27 @@ class Section(BaseModel):
 
 Dtype = Literal["fp32", "bf16", "fp16"]
 Tracker = Literal["tensorboard", "wandb", "mlflow"]
-CpuMatmul = Literal["auto", "onednn", "torch"]  # train.cpu_matmul; cpu_matmul.py resolves it
+CpuMatmul = Literal["auto", "onednn", "torch"]  # cpu.matmul; peftrun/cpu/matmul.py resolves it
+
+TaskName = Literal["causal_lm", "masked_lm", "sequence_classification", "image_classification"]
+
+
+@dataclass(frozen=True)
+class TaskTraits:
+    """What the recipe knows of a task; peftrun.model.tasks adds how it is trained."""
+
+    formats: tuple[str, ...]  # data formats it reads; the first is the default
+    classifier: bool = False  # labels named by the data, a new head, classification metrics
+    predicts: Literal["label", "masked_tokens"] | None = None  # what `peftrun predict` writes per row
+
+
+TASK_TRAITS: dict[str, TaskTraits] = {
+    "causal_lm": TaskTraits(("alpaca", "chat", "text")),
+    "masked_lm": TaskTraits(("text",), predicts="masked_tokens"),
+    "sequence_classification": TaskTraits(("classification",), classifier=True, predicts="label"),
+    "image_classification": TaskTraits(("images",), classifier=True, predicts="label"),
+}
+CLASSIFIER_TASKS = frozenset(name for name, traits in TASK_TRAITS.items() if traits.classifier)
 
 
 class QuantizationConfig(Section):
@@ -212,24 +232,46 @@ class TrainConfig(Section):
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
         "no", description="Autocast precision for compute."
     )
-    fused_lora: bool = Field(
-        True,
-        description="CPU training: plain LoRA linear layers run as one function (fast dropout masks, "
-        "LoRA output added in place, no per-layer dropped copies kept); same values and law as peft's.",
-    )
-    cpu_malloc_cache: bool = Field(
-        True,
-        description="CPU training on Linux (glibc): freed activation memory stays in the process instead of "
-        "going back to the OS and page-faulting in anew every step (~1.07x a step, ~40 MB more peak RSS).",
-    )
-    cpu_matmul: CpuMatmul = Field(
-        "auto",
-        description="CPU training: fp32 linear layers through oneDNN (torch's MKL runs AVX2 kernels on non-Intel "
-        "CPUs; ~2.2x the matmul rate on AMD Zen 5). auto: oneDNN where the CPU has AVX-512; torch: torch's own path.",
-    )
     seed: int = Field(0, description="Seeds weights init of adapters, dropout and data order.")
     resume: str | None = Field(
         None, description="'auto' (newest checkpoint in output_dir, if any) or a checkpoint directory."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cpu_keys_moved(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for old, new in MOVED_TO_CPU.items():
+                if old in data:
+                    raise OptionError(old, f"moved to {new} (the cpu: section)")
+        return data
+
+
+MOVED_TO_CPU = {
+    "cpu_matmul": "cpu.matmul",
+    "fused_lora": "cpu.fused_lora",
+    "cpu_malloc_cache": "cpu.malloc_cache",
+}
+
+
+class CpuConfig(Section):
+    """CPU training speed-ups (peftrun/cpu/). None of them applies on a GPU; the run's manifest records
+    what was applied."""
+
+    matmul: CpuMatmul = Field(
+        "auto",
+        description="fp32 linear layers through oneDNN (torch's MKL runs AVX2 kernels on non-Intel "
+        "CPUs; ~2.2x the matmul rate on AMD Zen 5). auto: oneDNN where the CPU has AVX-512; torch: torch's own path.",
+    )
+    fused_lora: bool = Field(
+        True,
+        description="Plain LoRA linear layers run as one function (fast dropout masks, "
+        "LoRA output added in place, no per-layer dropped copies kept); same values and law as peft's.",
+    )
+    malloc_cache: bool = Field(
+        True,
+        description="On Linux (glibc): freed activation memory stays in the process instead of "
+        "going back to the OS and page-faulting in anew every step (~1.07x a step, ~40 MB more peak RSS).",
     )
 
 
@@ -372,7 +414,7 @@ class Recipe(Section):
     output_dir: Path = Field(
         description="Run directory: checkpoints, the final artefact, metrics, the resolved recipe."
     )
-    task: Literal["causal_lm", "masked_lm", "sequence_classification", "image_classification"] = Field(
+    task: TaskName = Field(
         "causal_lm",
         description="What the model learns to do: causal_lm (SFT, continued pre-training of decoders), "
         "masked_lm (continued pre-training of BERT-like encoders), sequence_classification (a new head "
@@ -382,6 +424,7 @@ class Recipe(Section):
     method: MethodConfig = Field(default_factory=lambda: MethodConfig(kind="lora"))
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
+    cpu: CpuConfig = Field(default_factory=CpuConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
@@ -389,7 +432,7 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Recipe:
-        formats = TASK_FORMATS[self.task]
+        formats = TASK_TRAITS[self.task].formats
         if "format" not in self.data.model_fields_set:
             self.data.format = formats[0]  # type: ignore[assignment]  # validated on assignment
         elif self.data.format not in formats:
@@ -409,7 +452,7 @@ class Recipe(Section):
             )
         if self.data.group_by_length and self.task == "image_classification":
             raise ValueError("data.group_by_length: images have no length; leave it off")
-        if self.model.quantization is not None and self.method.kind in ("full", "frozen"):
+        if self.model.quantization is not None and self.method.kind in NON_ADAPTER_KINDS:
             raise ValueError(
                 f"method.kind={self.method.kind} cannot train quantized weights; use an adapter (e.g. lora) "
                 "or remove model.quantization"

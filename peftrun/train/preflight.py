@@ -48,7 +48,7 @@ def preflight(recipe: Recipe) -> Preflight:
             "model.quantization / train.optimizer=adamw_8bit need bitsandbytes (pip install bitsandbytes)"
         )
     resolve_resume(recipe.output_dir, recipe.train.resume)
-    resolve_cpu_matmul(recipe.train.cpu_matmul)  # 'onednn' in a torch without it: said before any load
+    resolve_cpu_matmul(recipe.cpu.matmul)  # 'onednn' in a torch without it: said before any load
     check_source(recipe.data)
     world_size = launcher_world_size()
     accumulation = grad_accum_steps(recipe, world_size)

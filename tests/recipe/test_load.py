@@ -47,6 +47,10 @@ BAD_RECIPES = [
     (_merge(method={"kind": "lora", "freeze": ["all"]}), "method.freeze: only for kind: frozen"),
     (_merge(method={"kind": "ia3", "r": 4}), "method.r: unknown option of method 'ia3' (IA3Config)"),
     (_merge(train={"lr": -1}), "train.lr: Input should be greater than 0 (got -1)"),
+    (_merge(train={"cpu_matmul": "torch"}), "train.cpu_matmul: moved to cpu.matmul (the cpu: section)"),
+    (_merge(train={"fused_lora": False}), "train.fused_lora: moved to cpu.fused_lora"),
+    (_merge(train={"cpu_malloc_cache": False}), "train.cpu_malloc_cache: moved to cpu.malloc_cache"),
+    (_merge(cpu={"matmull": "torch"}), "cpu.matmull: unknown key; did you mean 'matmul'?"),
     (_merge(train={"epochs": "two"}), "train.epochs: Input should be a valid integer"),
     (
         _merge(train={"scheduler": "cosin"}),
@@ -120,6 +124,7 @@ def test_overrides_go_through_the_schema(tmp_path: Path) -> None:
     ("override", "message"),
     [
         ("train.lrr=1e-4", "command line: train.lrr: unknown key; did you mean 'lr'?"),
+        ("train.cpu_matmul=torch", "command line: train.cpu_matmul: moved to cpu.matmul"),
         ("method.r=0", "command line: method.r: must be a positive integer"),
         ("train.max_steps=-2", "command line: train.max_steps: Input should be greater than 0"),
         ("train.lr", "expected dotted.key=value"),
