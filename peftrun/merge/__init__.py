@@ -9,6 +9,7 @@ tokenizer; compare with base + adapter through peft; publish by renaming the tem
 from __future__ import annotations
 
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,9 @@ import torch
 from peftrun.errors import UserError, did_you_mean
 from peftrun.merge.files import write_model_files
 from peftrun.merge.lora import MergePlan, plan
-from peftrun.merge.qlora import QLORA_BASES, nf4_round_trip, quantized_weight_names
+from peftrun.merge.qlora import nf4_round_trip, quantized_weight_names
 from peftrun.merge.sources import MergeInputs, read_base_config
+from peftrun.merge.spec import DEFAULT_MAX_SHARD_SIZE, Check, QloraBase
 from peftrun.merge.stream import base_weight_map, largest_file_bytes, write_merged_shards
 from peftrun.merge.verdict import (
     MergedFiles,
@@ -30,20 +32,20 @@ from peftrun.merge.verdict import (
     light_verdict,
     probe_logits,
 )
-from peftrun.model.load import DTYPES
+from peftrun.model.load import DTYPES, load_model
+from peftrun.recipe.schema import ModelConfig
 from peftrun.run.staging import staged_dir
 from peftrun.run.verify import ADAPTER_WEIGHTS, logit_tolerance
 
-CHECKS = ("full", "light")
-DEFAULT_MAX_SHARD_SIZE = "5GB"
+CHECKS: tuple[Check, ...] = typing.get_args(Check)
 
 
 @dataclass
 class MergeOptions:
     dtype: str | None = None  # None: the dtype the adapter was trained on
     max_shard_size: str = DEFAULT_MAX_SHARD_SIZE
-    check: str = "full"
-    qlora_base: str = "dequantized"
+    check: Check = "full"
+    qlora_base: QloraBase = "dequantized"
     overwrite: bool = False
 
 
@@ -62,10 +64,6 @@ def merge(
     start = time.perf_counter()
     dtype = resolve_dtype(options.dtype or inputs.base_dtype)
     max_shard_bytes = parse_size(options.max_shard_size)
-    if options.check not in CHECKS:
-        raise UserError(f"--check: '{options.check}' is not one of {', '.join(CHECKS)}")
-    if options.qlora_base not in QLORA_BASES:
-        raise UserError(f"--qlora-base: '{options.qlora_base}' is not one of {', '.join(QLORA_BASES)}")
     if out_dir.exists() and any(out_dir.iterdir()) and not options.overwrite:
         raise UserError(f"--out: {out_dir} exists and is not empty; remove it or pass --overwrite")
     if not (inputs.adapter_dir / ADAPTER_WEIGHTS).is_file():
@@ -178,7 +176,7 @@ def peft_merge(
     """peft's own merge of the whole model in memory (fp32), for adapters streaming does not cover."""
     from peft import PeftModel
 
-    model = load_base(inputs, torch.float32)
+    model = load_adapter_base(inputs, torch.float32)
     with torch.no_grad():
         for name, param in model.named_parameters():
             param.data = base_weight(name, param.data).float()
@@ -187,22 +185,15 @@ def peft_merge(
     return len(list(out_dir.glob("*.safetensors")))
 
 
-def load_base(inputs: MergeInputs, dtype: torch.dtype, quantized: bool = False) -> Any:
-    """The base the adapter goes on (`quantized`: in the 4-bit form a QLoRA run trained on)."""
+def load_adapter_base(inputs: MergeInputs, dtype: torch.dtype, quantized: bool = False) -> Any:
+    """The base the adapter goes on (`quantized`: in the 4-bit form a QLoRA run trained on), through
+    peftrun's one loader: it quantizes as training did and builds the head the run trained from (its
+    size, names, seeded init)."""
     quantize = quantized and inputs.quantization is not None
-    if not quantize and inputs.labels is None:
-        return inputs.task.model_class().from_pretrained(
-            inputs.base_dir, dtype=dtype, trust_remote_code=inputs.trust_remote_code
-        )
-    from peftrun.model.load import load_model
-    from peftrun.recipe.schema import ModelConfig
-
-    # peftrun's loader quantizes as training did and builds the head the run trained from (its size,
-    # names, seeded init).
     cfg = ModelConfig(name_or_path=str(inputs.base_dir), trust_remote_code=inputs.trust_remote_code)
     if quantize:
         cfg = cfg.model_copy(update={"dtype": inputs.base_dtype, "quantization": inputs.quantization})
-    model = load_model(cfg, _task_name(inputs), labels=inputs.labels)
+    model = load_model(cfg, inputs.task.name, labels=inputs.labels)
     return model if quantize else model.to(dtype)
 
 
@@ -243,7 +234,7 @@ def judge(
 
     def reference() -> Any:
         return PeftModel.from_pretrained(
-            load_base(inputs, torch.float32, quantized=reference_quantized), inputs.adapter_dir
+            load_adapter_base(inputs, torch.float32, quantized=reference_quantized), inputs.adapter_dir
         )
 
     def merged() -> Any:
@@ -257,7 +248,7 @@ def judge(
         trained = compare_logits(
             probe_logits(
                 lambda: PeftModel.from_pretrained(
-                    load_base(inputs, torch.float32, quantized=True), inputs.adapter_dir
+                    load_adapter_base(inputs, torch.float32, quantized=True), inputs.adapter_dir
                 ),
                 vocab_size,
             ),
@@ -272,12 +263,6 @@ def judge(
     if check == "light":
         verdict.notes.append("light check needs a streamed LoRA merge; ran the full logits verdict instead")
     return verdict.check()
-
-
-def _task_name(inputs: MergeInputs) -> str:
-    from peftrun.model.tasks import TASKS
-
-    return next(name for name, task in TASKS.items() if task is inputs.task)
 
 
 def _unchanged(name: str, tensor: torch.Tensor) -> torch.Tensor:

@@ -116,11 +116,13 @@ def combine_adapters(
     """Write the combined adapter to out_dir; returns the inputs to merge it with the (shared) base."""
     from peft import PeftModel
 
-    from peftrun.merge import load_base
+    from peftrun.merge import load_adapter_base
 
     check_combination(adapters, weights, combination, density)
     first = adapters[0]
-    model = PeftModel.from_pretrained(load_base(first, torch.float32), first.adapter_dir, adapter_name="a0")
+    model = PeftModel.from_pretrained(
+        load_adapter_base(first, torch.float32), first.adapter_dir, adapter_name="a0"
+    )
     for i, adapter in enumerate(adapters[1:], start=1):
         model.load_adapter(str(adapter.adapter_dir), adapter_name=f"a{i}")
     torch.manual_seed(seed)  # DARE prunes at random

@@ -25,6 +25,7 @@ from peftrun.merge.sources import (
     inputs_from_run,
     is_run_dir,
 )
+from peftrun.merge.spec import MergeSpec, spec_from_args
 from peftrun.run.staging import staged_dir
 from peftrun.run.verify import ADAPTER_WEIGHTS
 
@@ -77,76 +78,78 @@ def short_target_modules(targets: Any, inputs: MergeInputs) -> Any:
 # ---- the command line's two commands -----------------------------------------------------------------------
 
 
-def merge_options(args: argparse.Namespace) -> MergeOptions:
+def merge_options(spec: MergeSpec) -> MergeOptions:
     return MergeOptions(
-        dtype=args.dtype,
-        max_shard_size=args.max_shard_size,
-        check=args.check,
-        qlora_base=args.qlora_base,
-        overwrite=args.overwrite,
+        dtype=spec.dtype,
+        max_shard_size=spec.max_shard_size,
+        check=spec.check,
+        qlora_base=spec.qlora_base,
+        overwrite=spec.overwrite,
     )
 
 
 def merge_command(args: argparse.Namespace) -> int:
-    from peftrun.merge.spec import apply_spec, is_spec_file
+    return run_merge(spec_from_args(args))
 
-    if is_spec_file(args.source):
-        args = apply_spec(args, Path(args.source))
-    if args.adapters:
-        return _combine_command(args)
-    if args.source is None:
+
+def run_merge(spec: MergeSpec) -> int:
+    """`peftrun merge`: one adapter into its base, or several combined first."""
+    if spec.adapters:
+        return _combine(spec, spec.adapters)
+    if spec.source is None:
         raise UserError("merge: give a run or adapter directory, or --adapters A B ... to combine several")
-    for flag in ("weights", "combination", "density", "svd_rank"):
-        if getattr(args, flag) is not None:
-            raise UserError(f"--{flag.replace('_', '-')}: only with --adapters (combining several adapters)")
-    inputs = inputs_for(args.source, args.base)
-    if args.out is None and not is_run_dir(Path(args.source)):
+    misplaced = spec.combining_options_without_adapters()
+    if misplaced:
+        flag = misplaced[0].replace("_", "-")
+        raise UserError(f"--{flag}: only with --adapters (combining several adapters)")
+    inputs = inputs_for(spec.source, spec.base)
+    if spec.out is None and not is_run_dir(Path(spec.source)):
         raise UserError(
             "--out: required when merging an adapter directory (a run directory defaults to RUN/merged)"
         )
-    out = Path(args.out) if args.out else Path(args.source) / "merged"
-    merge(inputs, out, merge_options(args))
+    out = Path(spec.out) if spec.out else Path(spec.source) / "merged"
+    merge(inputs, out, merge_options(spec))
     return 0
 
 
-def _combine_command(args: argparse.Namespace) -> int:
+def _combine(spec: MergeSpec, sources: list[str]) -> int:
     from peftrun.merge.combine import combine_adapters
 
-    if args.source is not None:
-        raise UserError(f"merge: give either a directory ({args.source}) or --adapters, not both")
-    if args.out is None:
+    if spec.source is not None:
+        raise UserError(f"merge: give either a directory ({spec.source}) or --adapters, not both")
+    if spec.out is None:
         raise UserError("--out: required when combining adapters")
     adapters = [
-        inputs_for(a, args.base) if not is_run_dir(Path(a)) else inputs_from_run(Path(a))
-        for a in args.adapters
+        inputs_for(a, spec.base) if not is_run_dir(Path(a)) else inputs_from_run(Path(a)) for a in sources
     ]
-    weights = args.weights if args.weights is not None else [1.0 / len(adapters)] * len(adapters)
-    out = Path(args.out)
+    weights = spec.weights if spec.weights is not None else [1.0 / len(adapters)] * len(adapters)
+    out = Path(spec.out)
+    combination = spec.combination or "linear"
     with tempfile.TemporaryDirectory(prefix=".combined-adapter-", dir=out.resolve().parent) as tmp:
         combined = combine_adapters(
-            adapters, weights, args.combination or "linear", args.density, args.svd_rank, args.seed, Path(tmp)
+            adapters, weights, combination, spec.density, spec.svd_rank, spec.seed, Path(tmp)
         )
-        print(
-            f"[peftrun] combined {len(adapters)} adapters ({args.combination or 'linear'}, weights {weights})"
-        )
-        merge(combined, out, merge_options(args))
+        print(f"[peftrun] combined {len(adapters)} adapters ({combination}, weights {weights})")
+        merge(combined, out, merge_options(spec))
     return 0
 
 
 def export_command(args: argparse.Namespace) -> int:
-    inputs = inputs_for(args.run, args.base)
+    spec = spec_from_args(args)  # the merge settings; `run` and `format` are export's own
+    inputs = inputs_for(args.run, spec.base)
     out = Path(args.out)
     if args.format == "merged":
-        merge(inputs, out, merge_options(args))
+        merge(inputs, out, merge_options(spec))
     else:
-        export_adapter(inputs, out, args.overwrite)
+        export_adapter(inputs, out, spec.overwrite)
         print(f"[peftrun] exported the adapter of {args.run} to {out} (base: {inputs.base})")
     return 0
 
 
 def add_merge_options(parser: argparse.ArgumentParser) -> None:
-    from peftrun.merge import CHECKS, DEFAULT_MAX_SHARD_SIZE
+    from peftrun.merge import CHECKS
     from peftrun.merge.qlora import QLORA_BASES
+    from peftrun.merge.spec import DEFAULT_MAX_SHARD_SIZE
 
     parser.add_argument(
         "--base", help="base model path or Hub id (default: the run's recipe / the adapter's record)"

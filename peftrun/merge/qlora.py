@@ -5,15 +5,17 @@ really held: each weight transformers quantizes goes through bitsandbytes' quant
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from peftrun.merge.spec import QloraBase
 from peftrun.model.load import DTYPES
 from peftrun.recipe.schema import QuantizationConfig
 
-QLORA_BASES = ("dequantized", "original")
+QLORA_BASES: tuple[QloraBase, ...] = typing.get_args(QloraBase)
 
 
 def quantized_weight_names(skeleton: Any) -> set[str]:

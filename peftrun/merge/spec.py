@@ -15,39 +15,62 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from peftrun.errors import UserError, did_you_mean
 
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+Check = Literal["full", "light"]
+QloraBase = Literal["dequantized", "original"]
+
 
 class MergeSpec(BaseModel):
+    """One merge, typed: built from the command's flags or from a merge file, and handed to the merge as is."""
+
     model_config = ConfigDict(extra="forbid")
 
     source: str | None = Field(None, description="a run or adapter directory (or use adapters)")
     adapters: list[str] | None = Field(None, description="several run/adapter directories to combine")
     weights: list[float] | None = None
-    combination: str | None = None
+    combination: str | None = None  # checked (with a did-you-mean) by merge.combine
     density: float | None = None
     svd_rank: int | None = None
     seed: int = 0
     base: str | None = None
     out: str | None = None
-    dtype: str | None = None
-    max_shard_size: str | None = None
-    check: str | None = None
-    qlora_base: str | None = None
+    dtype: str | None = None  # checked (with a did-you-mean) by merge.resolve_dtype
+    max_shard_size: str = DEFAULT_MAX_SHARD_SIZE
+    check: Check = "full"
+    qlora_base: QloraBase = "dequantized"
     overwrite: bool = False
+
+    def combining_options_without_adapters(self) -> list[str]:
+        """The settings that only combining several adapters reads, set although `adapters` is not."""
+        if self.adapters:
+            return []
+        combining = ("weights", "combination", "density", "svd_rank")
+        return [name for name in combining if getattr(self, name) is not None]
 
 
 def is_spec_file(source: str | None) -> bool:
     return source is not None and source.endswith((".yaml", ".yml")) and Path(source).is_file()
 
 
-def apply_spec(args: argparse.Namespace, path: Path) -> argparse.Namespace:
-    """The command's arguments with the file's settings; paths in the file are relative to it."""
+def spec_from_args(args: argparse.Namespace) -> MergeSpec:
+    """The command line's merge settings (argparse has typed them), with a merge file's settings over
+    them when `source` is one."""
+    flags = {name: getattr(args, name) for name in MergeSpec.model_fields if hasattr(args, name)}
+    spec = MergeSpec.model_validate({k: v for k, v in flags.items() if v is not None})
+    if is_spec_file(spec.source) and spec.source is not None:
+        return spec.model_copy(update=read_spec_file(Path(spec.source)))
+    return spec
+
+
+def read_spec_file(path: Path) -> dict[str, Any]:
+    """A merge file's settings, validated, with its paths made relative to the file."""
     try:
         raw: Any = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -70,7 +93,7 @@ def apply_spec(args: argparse.Namespace, path: Path) -> argparse.Namespace:
     def local(p: str | None) -> str | None:
         return None if p is None or not (here / p).exists() else str(here / p)
 
-    values = spec.model_dump(exclude_unset=True)
+    values = {name: getattr(spec, name) for name in spec.model_fields_set}
     values.setdefault("source", None)  # the command's own source is this file
     for key in ("source", "out"):
         if key in values and values[key] is not None and not Path(values[key]).is_absolute():
@@ -79,5 +102,4 @@ def apply_spec(args: argparse.Namespace, path: Path) -> argparse.Namespace:
         values["adapters"] = [local(a) or a for a in spec.adapters]
     if spec.base is not None:
         values["base"] = local(spec.base) or spec.base  # a local directory, else a Hub id
-    merged = vars(args) | values
-    return argparse.Namespace(**merged)
+    return values
