@@ -18,6 +18,7 @@ from peftrun.model.load import load_model, load_tokenizer
 from peftrun.recipe.load import load_recipe
 from peftrun.recipe.schema import Recipe
 from peftrun.run.outputs import METRICS_FILE, read_metrics
+from peftrun.train.loop import train
 
 DEMO_RECIPE = DEMO_DATA_DIR / "recipe.yaml"
 SHOWN_PROMPTS = 6
@@ -71,8 +72,6 @@ def held_out_rows() -> list[tuple[list[dict[str, str]], str]]:
 
 def run_demo(overrides: list[str]) -> dict[str, Any]:
     from peft import PeftModel
-
-    from peftrun.train.loop import train
 
     recipe = demo_recipe(overrides)
     tokenizer = load_tokenizer(recipe.model)

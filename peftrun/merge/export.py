@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from peftrun.errors import UserError
-from peftrun.merge import MergeOptions, merge
+from peftrun.merge import CHECKS, MergeOptions, merge, meta_model
+from peftrun.merge.combine import combine_adapters
 from peftrun.merge.files import TOKENIZER_FILES
+from peftrun.merge.qlora import QLORA_BASES
 from peftrun.merge.sources import (
     ADAPTER_CONFIG,
     MergeInputs,
@@ -25,7 +27,7 @@ from peftrun.merge.sources import (
     inputs_from_run,
     is_run_dir,
 )
-from peftrun.merge.spec import MergeSpec, spec_from_args
+from peftrun.merge.spec import DEFAULT_MAX_SHARD_SIZE, MergeSpec, spec_from_args
 from peftrun.run.staging import staged_dir
 from peftrun.run.verify import ADAPTER_WEIGHTS
 
@@ -67,8 +69,6 @@ def short_target_modules(targets: Any, inputs: MergeInputs) -> Any:
     ('q_proj'). Leaf names are written when they select exactly the same modules of the base."""
     if not isinstance(targets, list) or not any("." in t for t in targets):
         return sorted(targets) if isinstance(targets, list) else targets
-    from peftrun.merge import meta_model
-
     leaves = {t.rsplit(".", 1)[-1] for t in targets}
     names = [n for n, _ in meta_model(inputs).named_modules()]
     selected = {n for n in names if n.rsplit(".", 1)[-1] in leaves}
@@ -113,8 +113,6 @@ def run_merge(spec: MergeSpec) -> int:
 
 
 def _combine(spec: MergeSpec, sources: list[str]) -> int:
-    from peftrun.merge.combine import combine_adapters
-
     if spec.source is not None:
         raise UserError(f"merge: give either a directory ({spec.source}) or --adapters, not both")
     if spec.out is None:
@@ -147,10 +145,6 @@ def export_command(args: argparse.Namespace) -> int:
 
 
 def add_merge_options(parser: argparse.ArgumentParser) -> None:
-    from peftrun.merge import CHECKS
-    from peftrun.merge.qlora import QLORA_BASES
-    from peftrun.merge.spec import DEFAULT_MAX_SHARD_SIZE
-
     parser.add_argument(
         "--base", help="base model path or Hub id (default: the run's recipe / the adapter's record)"
     )

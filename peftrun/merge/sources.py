@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from peftrun.data.templates import recipe_chat_template
 from peftrun.errors import UserError
 from peftrun.model.hub import require_local_or_reachable
+from peftrun.model.load import label_kwargs
 from peftrun.model.methods import NON_ADAPTER_KINDS
 from peftrun.model.tasks import TASKS, Task
 from peftrun.recipe.load import load_recipe
@@ -42,8 +44,6 @@ class MergeInputs:
     def base_config(self) -> Any:
         """The base's config, with the trained head's classes (a classifier's base may have another head)."""
         from transformers import AutoConfig
-
-        from peftrun.model.load import label_kwargs
 
         config = AutoConfig.from_pretrained(self.base_dir, trust_remote_code=self.trust_remote_code)
         for key, value in label_kwargs(self.labels).items():
@@ -80,8 +80,6 @@ def inputs_from_run(run_dir: Path) -> MergeInputs:
     read_adapter_config(final)
     chat_template = None
     if recipe.data.format == "chat" and recipe.data.chat_template:
-        from peftrun.data.templates import recipe_chat_template
-
         chat_template = recipe_chat_template(recipe.data.chat_template)
     return MergeInputs(
         adapter_dir=final,

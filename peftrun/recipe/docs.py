@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from peftrun.model.methods import OPTION_ALIASES, OWNED_OPTIONS, adapter_kinds
 from peftrun.recipe.schema import MethodConfig, Recipe
 
 
@@ -74,8 +75,6 @@ def reference_markdown() -> str:
 def adapter_options_text(kind: str) -> str:
     """The options of one peft adapter, from peft's own dataclass (names, defaults, help)."""
     import dataclasses
-
-    from peftrun.model.methods import OPTION_ALIASES, OWNED_OPTIONS, adapter_kinds
 
     config_cls = adapter_kinds()[kind]
     aliases = {name: alias for alias, name in OPTION_ALIASES.items()}

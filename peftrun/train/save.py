@@ -65,7 +65,7 @@ def save_final(
     """Write the deployable artefact to output_dir/final, verified before it replaces the previous one."""
     out = recipe.output_dir
     # Under ZeRO-3 no process holds whole weights: the save and its checks use a plain copy gathered
-    # from all processes (a collective, see dist.py); elsewhere every process holds them.
+    # from all processes (a collective, see dist/accelerator.py); elsewhere every process holds them.
     gathered = gathered_model(accelerator, model, recipe, probe_batch)
     final = final_dir(out)
     if accelerator.is_main_process:
