@@ -67,6 +67,15 @@ def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
     return config
 
 
+def read_peft_config(adapter_dir: Path) -> Any:
+    """adapter_config.json through peft's own config class (LoraConfig, IA3Config, ...), typed and
+    defaulted as peft reads it."""
+    read_adapter_config(adapter_dir)  # a missing file is a user's mistake, said as such
+    from peft import PeftConfig
+
+    return PeftConfig.from_pretrained(str(adapter_dir))
+
+
 def inputs_from_run(run_dir: Path) -> MergeInputs:
     """A run directory: the recipe says which base, task, dtype and quantization the adapter was trained on."""
     manifest = json.loads((run_dir / MANIFEST_FILE).read_text())
@@ -98,11 +107,12 @@ def inputs_from_run(run_dir: Path) -> MergeInputs:
 
 def inputs_from_adapter(adapter_dir: Path, base: str | None) -> MergeInputs:
     """An adapter directory: the base is --base, or the one peft recorded in adapter_config.json."""
-    config = read_adapter_config(adapter_dir)
-    base = base or config.get("base_model_name_or_path")
+    config = read_peft_config(adapter_dir)
+    base = base or config.base_model_name_or_path
     if not base:
         raise UserError(f"{adapter_dir}: the adapter records no base model; pass --base PATH_OR_HUB_ID")
-    revision = config.get("revision")
+    revision = config.revision
+    task_type = getattr(config.task_type, "value", config.task_type)  # peft's TaskType enum, or None
     base_dir = local_base_dir(base, revision, "--base")
     base_config = read_base_config(base_dir)
     has_tokenizer = any((adapter_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
@@ -111,7 +121,7 @@ def inputs_from_adapter(adapter_dir: Path, base: str | None) -> MergeInputs:
         base=base,
         base_dir=base_dir,
         revision=revision,
-        task=task_for(config.get("task_type"), base_config.get("architectures") or [], base_dir),
+        task=task_for(task_type, base_config.get("architectures") or [], base_dir),
         base_dtype=_dtype_name(base_config.get("dtype") or base_config.get("torch_dtype")),
         quantization=None,
         tokenizer_source=adapter_dir if has_tokenizer else base_dir,
