@@ -170,7 +170,7 @@ CLASSIFICATION_ROWS = [
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory, session_cache: Path) -> Path:
     """A 2-layer, hidden-64 BERT (masked-LM head) with a WordPiece tokenizer trained on the test texts."""
-    from peftrun.demo.tiny import build_bert, build_wordpiece_tokenizer
+    from tests.tiny_models import build_bert, build_wordpiece_tokenizer
 
     out = tmp_path_factory.mktemp("tiny_bert")
     corpus = [row["text"] for row in CLASSIFICATION_ROWS] * 4 + list(TOPICS)
@@ -181,14 +181,14 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory, session_cache: Path) -> 
 @pytest.fixture(scope="session")
 def tiny_resnet(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-stage ResNet with a 5-class head (the data has 3 classes: the head is replaced)."""
-    from peftrun.demo.tiny import build_resnet
+    from tests.tiny_models import build_resnet
 
     return build_resnet(tmp_path_factory.mktemp("tiny_resnet"), num_labels=5)
 
 
 @pytest.fixture(scope="session")
 def tiny_vit(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from peftrun.demo.tiny import build_vit
+    from tests.tiny_models import build_vit
 
     return build_vit(tmp_path_factory.mktemp("tiny_vit"), num_labels=5)
 
@@ -206,7 +206,7 @@ def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """red/, green/, blue/: 8 noisy 16x16 squares each."""
-    from peftrun.demo.tiny import write_colour_images
+    from tests.tiny_models import write_colour_images
 
     return write_colour_images(tmp_path_factory.mktemp("images"), per_class=8, size=16, seed=0)
 
