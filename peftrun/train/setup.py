@@ -95,9 +95,24 @@ def setup_run(recipe: Recipe, checks: Preflight) -> Run:
     state, metrics = _resume(accelerator, recipe, resume_from, total_steps)
     accelerator.init_trackers(recipe.logging.project, config=_flat_config(recipe))
     run = Run(
-        recipe, accelerator, task, processor, data, model, optimizer, scheduler, train_loader, eval_loader,
-        probe_batch, initial_adapter, total_steps, state, metrics, parameters, cpu,
-    )  # fmt: skip
+        recipe=recipe,
+        accelerator=accelerator,
+        task=task,
+        processor=processor,
+        data=data,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        train_loader=train_loader,
+        eval_loader=eval_loader,
+        probe_batch=probe_batch,
+        initial_adapter=initial_adapter,
+        total_steps=total_steps,
+        state=state,
+        metrics=metrics,
+        parameters=parameters,
+        cpu=cpu,
+    )
     micro, accumulation = recipe.train.micro_batch_size, accelerator.gradient_accumulation_steps
     run.say(
         f"{total_steps} optimizer steps ({len(train_loader) // accumulation}/epoch), global batch "
