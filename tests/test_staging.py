@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from peftrun.run.staging import staged_dir, staged_file
+from peftrun.staging import staged_dir, staged_file
 
 
 def _leftovers(parent: Path) -> list[str]:

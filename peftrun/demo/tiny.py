@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast
 
-from peftrun.run.staging import staged_dir
+from peftrun.staging import staged_dir
 
 __all__ = [
     "BUILDER_VERSION",

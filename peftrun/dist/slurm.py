@@ -33,7 +33,7 @@ from peftrun.dist.accelerator import grad_accum_steps
 from peftrun.errors import UserError
 from peftrun.recipe.load import recipe_to_yaml
 from peftrun.recipe.schema import Recipe, SlurmConfig
-from peftrun.run.staging import staged_file
+from peftrun.staging import staged_file
 
 SLURM_DIR = "slurm"
 SCRIPT_FILE = "job.sbatch"

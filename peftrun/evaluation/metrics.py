@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from peftrun.run.staging import staged_file
+from peftrun.staging import staged_file
 
 
 def classification_metrics(

@@ -25,7 +25,7 @@ from peftrun.recipe.load import load_recipe
 from peftrun.recipe.schema import DataConfig, Recipe
 from peftrun.run.outputs import RESOLVED_RECIPE
 from peftrun.run.run_dir import FINAL_DIR, final_dir, reload_artefact, tokenized_cache_dir
-from peftrun.run.staging import staged_dir, staged_file
+from peftrun.staging import staged_dir, staged_file
 
 METRICS_JSON = "metrics.json"
 CONFUSION_PNG = "confusion_matrix.png"

@@ -34,8 +34,8 @@ from peftrun.merge.verdict import (
 )
 from peftrun.model.load import DTYPES, load_model
 from peftrun.recipe.schema import ModelConfig
-from peftrun.run.staging import staged_dir
 from peftrun.run.verify import ADAPTER_WEIGHTS, logit_tolerance
+from peftrun.staging import staged_dir
 
 CHECKS: tuple[Check, ...] = typing.get_args(Check)
 

@@ -28,8 +28,8 @@ from peftrun.merge.sources import (
     is_run_dir,
 )
 from peftrun.merge.spec import DEFAULT_MAX_SHARD_SIZE, MergeSpec, spec_from_args
-from peftrun.run.staging import staged_dir
 from peftrun.run.verify import ADAPTER_WEIGHTS
+from peftrun.staging import staged_dir
 
 FORMATS = ("adapter", "merged")
 

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from peftrun.dist.accelerator import checkpoint_load_kwargs, checkpoint_save_kwargs, is_deepspeed
 from peftrun.errors import UserError
-from peftrun.run.staging import publish
+from peftrun.staging import publish
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"

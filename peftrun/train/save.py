@@ -23,8 +23,8 @@ from peftrun.run.outputs import (
     write_manifest,
 )
 from peftrun.run.run_dir import FINAL_DIR, final_dir, reload_artefact
-from peftrun.run.staging import staged_dir
 from peftrun.run.verify import VerificationError, check_reload, check_tensors, logit_tolerance
+from peftrun.staging import staged_dir
 from peftrun.train.setup import Run
 
 
