@@ -26,9 +26,7 @@ from peftrun.merge.verdict import (
     MergedFiles,
     MergeVerificationError,
     Verdict,
-    compare_logits,
     light_verdict,
-    probe_logits,
 )
 from peftrun.model import DTYPES
 from peftrun.staging import staged_dir
@@ -216,10 +214,10 @@ def judge(
     base_weight: Callable[[str, torch.Tensor], torch.Tensor],
     round_tripped: frozenset[str] | None,
 ) -> Verdict:
-    quant = inputs.quantization
-    if check == "light" and isinstance(merge_plan, MergePlan) and weight_map is not None:
+    def light() -> Verdict:
         from peft import PeftConfig
 
+        assert isinstance(merge_plan, MergePlan)
         return light_verdict(
             merge_plan,
             PeftConfig.from_pretrained(str(inputs.adapter_dir)),
@@ -229,46 +227,14 @@ def judge(
             dtype,
             logit_tolerance(dtype, quantized=False),
             round_tripped or frozenset(),
-        ).check()
-    from peft import PeftModel
-
-    vocab_size = int(read_base_config(inputs.base_dir).get("vocab_size") or 2)
-    # The reference is what was trained: the 4-bit base for a round-trip QLoRA merge, else the fp32 base.
-    reference_quantized = round_tripped is not None and quant is not None
-    tolerance = logit_tolerance(dtype, quantized=False)
-    label = "base + adapter through peft (fp32)"
-    if reference_quantized and quant is not None:
-        tolerance = max(tolerance, logit_tolerance(DTYPES[quant.compute_dtype], quantized=True))
-        label = f"the trained model: {quant.bits}-bit {quant.quant_type} base + adapter through peft"
-
-    def reference() -> Any:
-        return PeftModel.from_pretrained(
-            load_base(inputs, torch.float32, quantized=reference_quantized), inputs.adapter_dir
         )
 
-    def merged() -> Any:
-        return inputs.task.model_class().from_pretrained(
-            merged_dir, dtype=dtype, trust_remote_code=inputs.trust_remote_code
-        )
+    streamed = isinstance(merge_plan, MergePlan) and weight_map is not None
+    if check == "light" and streamed:
+        return light().check()
+    from peftrun.merge.full import full_verdict
 
-    merged_logits = probe_logits(merged, vocab_size)  # compared with one or two references below
-    verdict = compare_logits(probe_logits(reference, vocab_size), merged_logits, tolerance, label)
-    if quant is not None and not reference_quantized:
-        trained = compare_logits(
-            probe_logits(
-                lambda: PeftModel.from_pretrained(
-                    load_base(inputs, torch.float32, quantized=True), inputs.adapter_dir
-                ),
-                vocab_size,
-            ),
-            merged_logits,
-            float("inf"),
-            "",
-        )
-        verdict.notes.append(
-            f"merged into the original (unquantized) weights: vs the trained {quant.bits}-bit model the logits differ "
-            f"by max rel {trained.max_rel:.2e} (the quantization error; --qlora-base dequantized removes it)"
-        )
+    verdict = full_verdict(inputs, merged_dir, dtype, base_weight, round_tripped, light if streamed else None)
     if check == "light":
         verdict.notes.append("light check needs a streamed LoRA merge; ran the full logits verdict instead")
     return verdict.check()
