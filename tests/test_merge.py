@@ -548,3 +548,55 @@ def test_a_merge_file_is_the_command_written_down(
     assert main(["merge", str(spec)]) == 2
     assert f"{spec}: densty: unknown key; did you mean 'density'?" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_full_verdict_names_the_layer_with_a_corrupted_merged_weight(
+    tmp_path: Path, sharded_llama: Path, layer: int
+) -> None:
+    """One weight of one layer flipped in the merged checkpoint: the layer-by-layer verdict fails and names
+    that layer (every block runs on the reference's hidden states, so later layers still agree)."""
+    from peftrun.merge import judge, meta_model
+    from peftrun.merge.lora import plan
+    from peftrun.merge.stream import base_weight_map
+
+    torch.manual_seed(0)
+    from transformers import AutoModelForCausalLM
+
+    model = peft.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(sharded_llama),
+        peft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"]),
+    )
+    randomized(model, seed=4).save_pretrained(tmp_path / "adapter")
+    inputs = inputs_for(str(tmp_path / "adapter"), str(sharded_llama))
+    out = merge(inputs, tmp_path / "merged", MergeOptions(dtype="fp32", max_shard_size=SHARD)).out_dir
+    merge_plan = plan(
+        inputs.adapter_config, load_file(tmp_path / "adapter" / ADAPTER_WEIGHTS), meta_model(inputs)
+    )
+
+    def verdict() -> Any:
+        return judge(
+            inputs,
+            out,
+            torch.float32,
+            "full",
+            merge_plan,
+            base_weight_map(sharded_llama),
+            lambda n, t: t,
+            None,
+        )
+
+    passed = verdict()
+    assert passed.blocks and {f"model.layers.{i}" for i in (0, 1)} <= {b.block for b in passed.blocks}
+    assert {"model.embed_tokens", "model.norm", "lm_head"} <= {b.block for b in passed.blocks}
+
+    name = f"model.layers.{layer}.mlp.up_proj.weight"  # not adapted: the copy of the base is checked too
+    shard = out / MergedFiles(out).weight_map[name]
+    tensors = load_file(shard)
+    flat = tensors[name].view(-1)
+    flat[int(flat.abs().argmax())] *= -1  # one weight's sign flipped
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(
+        MergeVerificationError, match=rf"block model\.layers\.{layer} of the merged model differs"
+    ):
+        verdict()

@@ -138,9 +138,7 @@ def _whole_model(
         probe_logits(reference(reference_quantized), vocab_size), merged_logits, tolerance, label
     )
     if quant is not None and not reference_quantized:
-        trained = compare_logits(
-            probe_logits(reference(True), vocab_size), merged_logits, float("inf"), ""
-        )
+        trained = compare_logits(probe_logits(reference(True), vocab_size), merged_logits, float("inf"), "")
         verdict.notes.append(_quantization_note(quant.bits, trained.max_rel))
     return verdict
 

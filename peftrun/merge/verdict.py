@@ -130,7 +130,9 @@ def adapter_layers(adapter_dir: Path) -> AdapterLayers:
 
     from peftrun.verify import ADAPTER_WEIGHTS
 
-    return AdapterLayers(PeftConfig.from_pretrained(str(adapter_dir)), load_file(adapter_dir / ADAPTER_WEIGHTS))
+    return AdapterLayers(
+        PeftConfig.from_pretrained(str(adapter_dir)), load_file(adapter_dir / ADAPTER_WEIGHTS)
+    )
 
 
 def _logits_then_free(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
