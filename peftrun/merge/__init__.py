@@ -176,6 +176,9 @@ def peft_merge(
     """peft's own merge of the whole model in memory (fp32), for adapters streaming does not cover."""
     from peft import PeftModel
 
+    from peftrun.merge.full import check_whole_model_fits
+
+    check_whole_model_fits(inputs, "peft's merge_and_unload")
     model = load_base(inputs, torch.float32)
     with torch.no_grad():
         for name, param in model.named_parameters():

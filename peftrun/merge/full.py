@@ -87,14 +87,25 @@ def _layer_by_layer(
     label = "base + adapter through peft's layers (fp32)"
     if round_tripped is not None and quant is not None:
         label = f"the trained model: {quant.bits}-bit {quant.quant_type} base + adapter through peft's layers"
-    reference = Source(label, lambda name: base_weight(name, _read(base, name)), adapter)
+    unchanged = frozenset() if round_tripped is None else round_tripped
+
+    def base_rows(transformed: frozenset[str]) -> Callable[[str, list[int] | slice], torch.Tensor | None]:
+        # Rows as saved, for the weights the reference does not transform (a 4-bit round trip needs them whole).
+        return lambda name, index: None if name in transformed else base.rows(name, index)
+
+    reference = Source(
+        label, lambda name: base_weight(name, _read(base, name)), adapter, base_rows(unchanged)
+    )
     trained = None
     if quant is not None and round_tripped is None:
         # Merged into the original weights: also measure how far that is from the trained 4-bit model.
         skeleton = weightless_model(inputs)
-        to_4bit = nf4_round_trip(frozenset(quantized_weight_names(skeleton)), quant, inputs.base_dtype)
-        trained = Source("the trained model", lambda name: to_4bit(name, _read(base, name)), adapter)
-    merged_source = Source("the merged checkpoint", lambda name: _read(merged, name))
+        quantized = frozenset(quantized_weight_names(skeleton))
+        to_4bit = nf4_round_trip(quantized, quant, inputs.base_dtype)
+        trained = Source(
+            "the trained model", lambda name: to_4bit(name, _read(base, name)), adapter, base_rows(quantized)
+        )
+    merged_source = Source("the merged checkpoint", lambda name: _read(merged, name), rows=merged.rows)
     vocab_size = int(read_base_config(inputs.base_dir).get("vocab_size") or 2)
     verdict, from_trained = layer_by_layer(
         weightless_model(inputs), reference, merged_source, tolerance, vocab_size, trained
@@ -148,6 +159,16 @@ def _quantization_note(bits: int, max_rel: float) -> str:
         f"merged into the original (unquantized) weights: vs the trained {bits}-bit model the logits differ "
         f"by max rel {max_rel:.2e} (the quantization error; --qlora-base dequantized removes it)"
     )
+
+
+def check_whole_model_fits(inputs: MergeInputs, what: str) -> None:
+    """A clear error before loading, rather than the process being killed halfway."""
+    needed, available = whole_model_bytes(inputs), available_bytes()
+    if available is not None and needed > available:
+        raise UserError(
+            f"{what} holds the whole model in fp32: about {needed / 2**30:.1f} GiB, and "
+            f"{available / 2**30:.1f} GiB are available; nothing was written"
+        )
 
 
 def whole_model_bytes(inputs: MergeInputs) -> int:

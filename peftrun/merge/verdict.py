@@ -116,8 +116,8 @@ def layer_by_layer(
         "logits", diff.max_abs, diff.max_rel, tolerance, reference.label, blocks=result.blocks[0]
     )
     verdict.notes.append(
-        f"full verdict layer by layer: one block in memory at a time (largest "
-        f"{result.largest_block_bytes / 2**20:.0f} MiB in fp32)"
+        f"full verdict layer by layer: one block in memory at a time (the largest built whole: "
+        f"{result.largest_block_bytes / 2**20:.1f} MiB in fp32)"
     )
     extra = logit_diff(result.logits[2], result.logits[1], names) if also is not None else None
     return verdict, extra
@@ -152,6 +152,16 @@ class MergedFiles:
     def get(self, name: str) -> torch.Tensor:
         with safe_open(self.directory / self.weight_map[name], framework="pt") as handle:
             return handle.get_tensor(name)
+
+    def rows(self, name: str, index: list[int] | slice) -> torch.Tensor | None:
+        """Rows of a 2-D tensor, read without the rest; None if the checkpoint has no such tensor."""
+        if name not in self.weight_map:
+            return None
+        with safe_open(self.directory / self.weight_map[name], framework="pt") as handle:
+            view = handle.get_slice(name)
+            if isinstance(index, slice):
+                return view[index]
+            return torch.cat([view[i : i + 1] for i in index])
 
     def head(self, name: str, rows: int = LIGHT_ROWS) -> torch.Tensor:
         """The first rows of a tensor (an embedding's full matrix is not needed to spot a wrong copy)."""

@@ -25,6 +25,8 @@ import torch
 
 from peftrun.merge.lora import PEFT_PREFIX
 
+HEAD_SLICE_ELEMENTS = 2**24  # a linear head is run a slice of its rows at a time: 64 MiB in fp32
+
 
 class WalkUnsupported(RuntimeError):
     """The architecture cannot be run block by block (the caller falls back to the whole model)."""
@@ -37,6 +39,8 @@ class Source:
     label: str
     tensor: Callable[[str], torch.Tensor]
     adapter: AdapterLayers | None = None
+    # Rows of a 2-D weight without reading the rest (None where it cannot give them as they are).
+    rows: Callable[[str, list[int] | slice], torch.Tensor | None] | None = None
 
 
 @dataclass
@@ -56,7 +60,7 @@ class BlockDiff:
 class WalkResult:
     logits: list[torch.Tensor]  # per source, its own model's, end to end (padding positions zeroed)
     blocks: list[list[BlockDiff]]  # per source after the first, each block against the first's
-    largest_block_bytes: int  # the largest block in fp32: the walk's weight memory
+    largest_block_bytes: int  # the largest block built whole, in fp32: the walk's weight memory
 
 
 class AdapterLayers:
@@ -74,6 +78,10 @@ class AdapterLayers:
         """The adapter's saved whole weight `name` (an adapted embedding saves its base layer too)."""
         module, _, param = name.rpartition(".")
         return self.saved.get(name, self.saved.get(f"{module}.base_layer.{param}"))
+
+    def touches(self, block: str) -> bool:
+        """Whether the adapter saved anything under the block (its layers, or a whole weight)."""
+        return any(key.startswith(block + ".") for key in self.saved)
 
     def apply(self, module: torch.nn.Module, block: str, weight_names: set[str]) -> torch.nn.Module:
         """`module` (the block named `block`) with the adapter's layers on it; unchanged when the adapter
@@ -105,10 +113,8 @@ def run_blocks(skeleton: Any, sources: list[Source], batch: dict[str, torch.Tens
     blocks = weight_blocks(skeleton)
     tied = _tied_names(skeleton)
     recorder = _Recorder(len(sources), rows, batch.get("attention_mask"))
-    largest = 0
     for name in blocks:
         template = skeleton.get_submodule(name)
-        largest = max(largest, 4 * sum(p.numel() for p in template.parameters()))
         _replace(skeleton, name, _StandIn(template, name, sources, tied, recorder))
     stacked = {key: value.repeat(len(sources), *([1] * (value.dim() - 1))) for key, value in batch.items()}
     skeleton.eval()
@@ -120,7 +126,7 @@ def run_blocks(skeleton: Any, sources: list[Source], batch: dict[str, torch.Tens
     if mask is not None and logits.dim() == 3 and logits.shape[:2] == mask.shape:
         logits = logits * mask[..., None].to(logits.dtype)  # padding positions' logits mean nothing
     per_source = [logits[i * rows : (i + 1) * rows] for i in range(len(sources))]
-    return WalkResult(per_source, recorder.diffs, largest)
+    return WalkResult(per_source, recorder.diffs, recorder.largest_block_bytes)
 
 
 def weight_blocks(skeleton: Any) -> list[str]:
@@ -158,6 +164,7 @@ class _Recorder:
         self.rows = rows
         self.mask = mask
         self.diffs: list[list[BlockDiff]] = [[] for _ in range(sources - 1)]
+        self.largest_block_bytes = 0  # of the blocks built whole, in fp32 (with their adapter layers)
 
     def combine(self, name: str, outputs: list[Any]) -> Any:
         tensors = [_first_tensor(name, out) for out in outputs]
@@ -206,10 +213,58 @@ class _StandIn(torch.nn.Module):
         template, name, sources, tied, recorder = self.__dict__["_block"]
         outputs = []
         for source in sources:
-            block = build_block(template, name, source, tied)
-            outputs.append(block(*args, **kwargs))
-            del block  # freed here (no reference cycles): one block in memory at a time
+            output = by_rows(template, name, source, tied, args, kwargs)
+            if output is None:
+                block = build_block(template, name, source, tied)
+                recorder.largest_block_bytes = max(
+                    recorder.largest_block_bytes, sum(4 * p.numel() for p in block.parameters())
+                )
+                output = block(*args, **kwargs)
+                del block  # freed here (no reference cycles): one block in memory at a time
+            outputs.append(output)
         return recorder.combine(name, outputs)
+
+
+def by_rows(
+    template: torch.nn.Module,
+    name: str,
+    source: Source,
+    tied: dict[str, str],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> torch.Tensor | None:
+    """An embedding or a plain linear head (a model's largest weights, vocabulary x hidden) run from the
+    rows it needs: the probe's tokens, or the head's output rows a slice at a time. None: run it whole."""
+    weights = [local for local, _ in template.named_parameters()]
+    if source.rows is None or weights != ["weight"] or kwargs or len(args) != 1:
+        return None
+    if source.adapter is not None and source.adapter.touches(name):
+        return None
+    weight = tied.get(f"{name}.weight", f"{name}.weight")
+    (inputs,) = args
+    if (
+        isinstance(template, torch.nn.Embedding)
+        and template.max_norm is None
+        and not inputs.is_floating_point()
+    ):
+        ids = inputs.unique()  # sorted
+        rows = source.rows(weight, ids.tolist())
+        if rows is None:
+            return None
+        block = copy.deepcopy(template)  # its own forward (Gemma's scaled embeddings) on the rows it needs
+        block.padding_idx = None  # only affects gradients; its index is not a row here
+        block.weight = torch.nn.Parameter(rows.float(), requires_grad=False)
+        return block(torch.searchsorted(ids, inputs))
+    if type(template) is torch.nn.Linear:
+        step = max(1, HEAD_SLICE_ELEMENTS // template.in_features)
+        parts = []
+        for start in range(0, template.out_features, step):
+            rows = source.rows(weight, slice(start, start + step))
+            if rows is None:
+                return None
+            parts.append(torch.nn.functional.linear(inputs, rows.float()))
+        return torch.cat(parts, dim=-1)
+    return None
 
 
 def build_block(
