@@ -600,3 +600,82 @@ def test_full_verdict_names_the_layer_with_a_corrupted_merged_weight(
         MergeVerificationError, match=rf"block model\.layers\.{layer} of the merged model differs"
     ):
         verdict()
+
+
+def test_the_layer_walk_runs_the_model_as_its_own_forward_does(
+    tmp_path: Path, sharded_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The walk's reference (blocks built one at a time, embeddings from the probe's rows, the head a slice
+    of rows at a time) gives the logits of base + adapter through peft, loaded whole."""
+    from transformers import AutoModelForCausalLM
+
+    from peftrun.merge import walk
+    from peftrun.merge.verdict import adapter_layers
+
+    monkeypatch.setattr(walk, "HEAD_SLICE_ELEMENTS", 64 * 50)  # the tiny head in several slices
+    torch.manual_seed(0)
+    model = peft.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(sharded_llama),
+        peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "gate_proj"], modules_to_save=["lm_head"]),
+    )
+    randomized(model, seed=5).save_pretrained(tmp_path / "adapter")
+    inputs = inputs_for(str(tmp_path / "adapter"), str(sharded_llama))
+    base = MergedFiles(sharded_llama)
+    reference = walk.Source("reference", base.get, adapter_layers(tmp_path / "adapter"), base.rows)
+    plain = walk.Source("base", base.get, None, base.rows)
+    batch = probe_batch(model.config.vocab_size)
+    result = walk.run_blocks(walk.weightless_model(inputs), [reference, plain], batch)
+    mask = batch["attention_mask"][..., None]
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).logits * mask
+        without = model.get_base_model()
+        with model.disable_adapter():
+            expected_base = without(**batch).logits * mask
+    torch.testing.assert_close(result.logits[0], expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(result.logits[1], expected_base, rtol=0, atol=1e-5)
+    assert float((expected - expected_base).abs().max()) > 1e-3  # the adapter matters
+
+
+def test_combining_holds_no_base_weights(two_adapters: dict[str, Path]) -> None:
+    from peftrun.merge.combine import shape_only_base
+
+    model = shape_only_base(inputs_for(str(two_adapters["a"]), None))
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+    assert sum(storages.values()) <= 4 and sum(p.numel() for p in model.parameters()) > 10_000
+
+
+def test_the_whole_model_path_checks_memory_before_loading(
+    tmp_path: Path, sharded_llama: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Where the model would not fit: peft's whole-model merge stops with one line before loading, and a
+    full verdict that cannot run layer by layer falls back to the light check, saying so."""
+    from transformers import AutoModelForCausalLM
+
+    from peftrun.merge import full
+    from peftrun.merge.walk import WalkUnsupported
+
+    monkeypatch.setattr(full, "available_bytes", lambda: 1024)
+    config = peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(sharded_llama), config)
+    model.save_pretrained(tmp_path / "ia3")
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path / "ia3"), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "holds the whole model in fp32" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m").exists()
+
+    def unsupported(*args: Any) -> Any:
+        raise WalkUnsupported("an architecture it does not know")
+
+    monkeypatch.setattr(full, "_layer_by_layer", unsupported)
+    torch.manual_seed(0)
+    lora = peft.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(sharded_llama), peft.LoraConfig(r=4, target_modules=["q_proj"])
+    )
+    randomized(lora, seed=6).save_pretrained(tmp_path / "lora")
+    result = merge(inputs_for(str(tmp_path / "lora"), None), tmp_path / "m2", MergeOptions())
+    assert result.verdict.kind == "per-layer sample"
+    assert (
+        "cannot run" in capsys.readouterr().out and "ran the light check instead" in result.verdict.notes[-1]
+    )

@@ -55,10 +55,7 @@ def full_verdict(
         why = f"the full verdict cannot run {inputs.base} layer by layer ({exc})"
     needed, available = whole_model_bytes(inputs), available_bytes()
     if available is not None and needed > available:
-        shortfall = (
-            f"{why}; the whole model needs about {needed / 2**30:.1f} GiB, {available / 2**30:.1f} GiB "
-            "are available"
-        )
+        shortfall = f"{why}; the whole model needs about {_size(needed)}, {_size(available)} are available"
         if light is None:
             raise UserError(f"{shortfall}: not verified, nothing published (free memory and rerun)")
         verdict = light()
@@ -166,8 +163,8 @@ def check_whole_model_fits(inputs: MergeInputs, what: str) -> None:
     needed, available = whole_model_bytes(inputs), available_bytes()
     if available is not None and needed > available:
         raise UserError(
-            f"{what} holds the whole model in fp32: about {needed / 2**30:.1f} GiB, and "
-            f"{available / 2**30:.1f} GiB are available; nothing was written"
+            f"{what} holds the whole model in fp32: about {_size(needed)}, and {_size(available)} are "
+            "available; nothing was written"
         )
 
 
@@ -196,3 +193,7 @@ def available_bytes() -> int | None:
     except OSError:
         pass
     return None
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
