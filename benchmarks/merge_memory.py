@@ -31,26 +31,25 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Preset:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    dtype: str
+    shard: str
+
+
 PRESETS = {
-    "small": {
-        "hidden": 1024,
-        "intermediate": 2816,
-        "layers": 8,
-        "heads": 16,
-        "dtype": "fp32",
-        "shard": "100MB",
-    },
-    "1b": {
-        "hidden": 2048,
-        "intermediate": 5632,
-        "layers": 18,
-        "heads": 32,
-        "dtype": "bf16",
-        "shard": "500MB",
-    },
+    "small": Preset(hidden=1024, intermediate=2816, layers=8, heads=16, dtype="fp32", shard="100MB"),
+    "1b": Preset(hidden=2048, intermediate=5632, layers=18, heads=32, dtype="bf16", shard="500MB"),
 }
 MODES = {
     "before": "peftrun merge (default), before",
@@ -93,7 +92,7 @@ def main() -> int:
         total = sum(p.stat().st_size for p in shards) / MB
         layer_mb = fp32_layer_bytes(base) / MB
         print(
-            f"base: {total:.0f} MB ({preset['dtype']}) in {len(shards)} shards (largest {largest:.0f} MB); "
+            f"base: {total:.0f} MB ({preset.dtype}) in {len(shards)} shards (largest {largest:.0f} MB); "
             f"adapter {adapter_mb:.1f} MB; one layer in fp32 {layer_mb:.0f} MB"
         )
         modes = (["before"] if args.before else []) + args.modes
@@ -103,7 +102,7 @@ def main() -> int:
                 out = Path(tmp) / f"out-{mode}"
                 worker_mode = "peftrun" if mode == "before" else mode
                 cmd = [sys.executable, __file__, "--worker", worker_mode, str(base), str(adapter), str(out)]
-                cmd.append(str(preset["shard"]))
+                cmd.append(preset.shard)
                 # `before`: the same call into another checkout's peftrun
                 worker_env = {**env, "PYTHONPATH": args.before} if mode == "before" else env
                 done = subprocess.run(cmd, capture_output=True, text=True, env=worker_env)
@@ -130,18 +129,18 @@ def report(rows: dict[str, list[dict[str, float]]], repeats: int) -> None:
         print(f"{MODES[mode]:30s} {peak:8.0f}MB {base_rss:7.0f}MB {peak - base_rss:7.0f}MB {seconds:7.1f}s")
 
 
-def build(root: Path, preset: dict[str, object]) -> None:
+def build(root: Path, preset: Preset) -> None:
     import peft
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    dtype = torch.bfloat16 if preset["dtype"] == "bf16" else torch.float32
+    dtype = torch.bfloat16 if preset.dtype == "bf16" else torch.float32
     config = LlamaConfig(
         vocab_size=32000,
-        hidden_size=preset["hidden"],
-        intermediate_size=preset["intermediate"],
-        num_hidden_layers=preset["layers"],
-        num_attention_heads=preset["heads"],
+        hidden_size=preset.hidden,
+        intermediate_size=preset.intermediate,
+        num_hidden_layers=preset.layers,
+        num_attention_heads=preset.heads,
         num_key_value_heads=4,
         tie_word_embeddings=False,
     )
@@ -149,13 +148,13 @@ def build(root: Path, preset: dict[str, object]) -> None:
     torch.set_default_dtype(dtype)  # built in its dtype: a bf16 1B model never exists in fp32 here
     model = LlamaForCausalLM(config)
     torch.set_default_dtype(torch.float32)
-    model.save_pretrained(root / "base", max_shard_size=str(preset["shard"]))
+    model.save_pretrained(root / "base", max_shard_size=preset.shard)
     lora = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     with torch.no_grad():
         for param in lora.parameters():
             if param.requires_grad:
                 param.add_(0.01 * torch.randn_like(param))
-    lora.save_pretrained(root / "adapter")
+    lora.save_pretrained(str(root / "adapter"))
 
 
 def fp32_layer_bytes(base: Path) -> int:

@@ -658,7 +658,7 @@ def test_the_whole_model_path_checks_memory_before_loading(
     monkeypatch.setattr(full, "available_bytes", lambda: 1024)
     config = peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])
     model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(sharded_llama), config)
-    model.save_pretrained(tmp_path / "ia3")
+    model.save_pretrained(str(tmp_path / "ia3"))
     capsys.readouterr()
     assert main(["merge", str(tmp_path / "ia3"), "--out", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err

@@ -101,9 +101,9 @@ class AdapterLayers:
         # shell at its own path.
         shell = _shell(module, block)
         inject_adapter_in_model(copy.copy(self.config), shell)
-        loaded = set_peft_model_state_dict(shell, own)
-        if loaded.unexpected_keys:
-            raise RuntimeError(f"internal: adapter tensors {loaded.unexpected_keys[:3]} found no peft layer")
+        unexpected: list[str] = set_peft_model_state_dict(shell, own).unexpected_keys  # type: ignore[attr-defined]
+        if unexpected:
+            raise RuntimeError(f"internal: adapter tensors {unexpected[:3]} found no peft layer")
         return shell.get_submodule(block) if block else shell
 
 
