@@ -88,8 +88,12 @@ def merge(
 
     adapter_config = inputs.adapter_config
     merge_plan = plan(adapter_config, load_file(inputs.adapter_dir / ADAPTER_WEIGHTS), skeleton)
-    if isinstance(merge_plan, MergePlan) and inputs.task.classifier:
-        merge_plan = "classifiers (their new head is not in the base's files)"
+    classifier = inputs.task.classifier and isinstance(merge_plan, MergePlan) and weight_map is not None
+    if classifier and isinstance(merge_plan, MergePlan) and weight_map is not None:
+        from peftrun.merge.classifier import unstreamable
+
+        # The head comes from the adapter, not the base's files; everything else must be in them.
+        merge_plan = unstreamable(merge_plan, weight_map, skeleton) or merge_plan
     elif isinstance(merge_plan, MergePlan) and weight_map is None:
         merge_plan = "bases without safetensors weights"
     elif (
@@ -107,9 +111,23 @@ def merge(
                 f"({len(set(weight_map.values()))} base file(s), largest "
                 f"{largest_file_bytes(inputs.base_dir, weight_map) / 2**20:.1f} MiB) in fp32, saved as {_name(dtype)}"
             )
-            shards = write_merged_shards(
-                inputs.base_dir, weight_map, merge_plan, dtype, tmp, max_shard_bytes, base_weight
-            )
+            if classifier:
+                from peftrun.merge.classifier import write_classifier_shards
+
+                shards = write_classifier_shards(
+                    inputs.base_dir,
+                    weight_map,
+                    merge_plan,
+                    skeleton,
+                    dtype,
+                    tmp,
+                    max_shard_bytes,
+                    base_weight,
+                )
+            else:
+                shards = write_merged_shards(
+                    inputs.base_dir, weight_map, merge_plan, dtype, tmp, max_shard_bytes, base_weight
+                )
         else:
             say(
                 f"[peftrun] streaming covers the LoRA family, not {merge_plan}: merging with peft's "
@@ -117,6 +135,8 @@ def merge(
             )
             shards = peft_merge(inputs, tmp, dtype, options.max_shard_size, base_weight)
         notes = write_model_files(inputs, tmp, dtype)
+        if classifier and isinstance(merge_plan, MergePlan):
+            _name_architecture(tmp, type(skeleton).__name__)
         try:
             verdict = judge(
                 inputs, tmp, dtype, options.check, merge_plan, weight_map, base_weight, round_tripped
@@ -232,7 +252,8 @@ def judge(
             round_tripped or frozenset(),
         )
 
-    streamed = isinstance(merge_plan, MergePlan) and weight_map is not None
+    # The light check compares the base's tensors one for one; a classifier has another head.
+    streamed = isinstance(merge_plan, MergePlan) and weight_map is not None and not inputs.task.classifier
     if check == "light" and streamed:
         return light().check()
     from peftrun.merge.full import full_verdict
@@ -241,6 +262,16 @@ def judge(
     if check == "light":
         verdict.notes.append("light check needs a streamed LoRA merge; ran the full logits verdict instead")
     return verdict.check()
+
+
+def _name_architecture(out_dir: Path, architecture: str) -> None:
+    """config.json names the classifier's class (serving stacks read it), not the base's."""
+    import json
+
+    path = out_dir / "config.json"
+    config = json.loads(path.read_text())
+    config["architectures"] = [architecture]
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _task_name(inputs: MergeInputs) -> str:
