@@ -679,3 +679,26 @@ def test_the_whole_model_path_checks_memory_before_loading(
     assert (
         "cannot run" in capsys.readouterr().out and "ran the light check instead" in result.verdict.notes[-1]
     )
+
+
+def test_a_classifier_merge_streams_with_the_trained_head(tmp_path: Path, tiny_bert: Path) -> None:
+    """The classifier's tensors only (not the base's own head), its head from the adapter, its class named
+    in config.json; the merged model gives the adapter model's logits."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(
+        AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2),
+        peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"]),
+    )
+    randomized(model, seed=7).save_pretrained(str(tmp_path / "adapter"))
+    result = merge(inputs_for(str(tmp_path / "adapter"), str(tiny_bert)), tmp_path / "merged", MergeOptions())
+    assert result.streamed and result.verdict.blocks
+    merged = AutoModelForSequenceClassification.from_pretrained(result.out_dir).eval()
+    assert set(merged_files(result.out_dir)) == set(merged.state_dict()) - {"bert.embeddings.position_ids"}
+    config = json.loads((result.out_dir / "config.json").read_text())
+    assert config["architectures"] == ["BertForSequenceClassification"]
+    batch = probe_batch(merged.config.vocab_size)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, model(**batch).logits, rtol=0, atol=1e-5)
