@@ -702,3 +702,55 @@ def test_a_classifier_merge_streams_with_the_trained_head(tmp_path: Path, tiny_b
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits, model(**batch).logits, rtol=0, atol=1e-5)
+
+
+ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    # sliding-window layers (per-layer attention types and masks), scaled embeddings, a tied head
+    "gemma3": (
+        "Gemma3ForCausalLM",
+        "Gemma3TextConfig",
+        {"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]},
+    ),
+    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config", {"sliding_window": 4, "final_logit_softcapping": 30.0}),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", {"tie_word_embeddings": True}),
+}
+
+
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_the_layer_walk_follows_each_architectures_own_forward(tmp_path: Path, architecture: str) -> None:
+    """Rotary embeddings, sliding-window masks, embedding scales, logit soft-caps and tied heads come from
+    the model's own forward: the walk's reference gives peft's logits exactly."""
+    import transformers
+
+    from peftrun.merge import walk
+    from peftrun.merge.verdict import adapter_layers
+
+    model_class, config_class, extra = ARCHITECTURES[architecture]
+    config = getattr(transformers, config_class)(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        **extra,
+    )
+    torch.manual_seed(0)
+    base_model = getattr(transformers, model_class)(config)
+    base_model.save_pretrained(tmp_path / "base", max_shard_size="100KB")
+    model = peft.get_peft_model(
+        base_model, peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    )
+    model.save_pretrained(str(tmp_path / "adapter"))
+    base = MergedFiles(tmp_path / "base")
+    reference = walk.Source("reference", base.get, adapter_layers(tmp_path / "adapter"), base.rows)
+    inputs = inputs_for(str(tmp_path / "adapter"), str(tmp_path / "base"))
+    batch = probe_batch(300)
+    got = walk.run_blocks(walk.weightless_model(inputs), [reference], batch).logits[0]
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).logits * batch["attention_mask"][..., None]
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    result = merge(inputs, tmp_path / "merged", MergeOptions(dtype="fp32"))
+    assert len(result.verdict.blocks) == 6 and result.verdict.max_rel < 1e-4
