@@ -601,6 +601,14 @@ def test_full_verdict_names_the_layer_with_a_corrupted_merged_weight(
     ):
         verdict()
 
+    del tensors[name]  # and a tensor missing altogether
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index = json.loads((out / SAFE_INDEX).read_text())
+    del index["weight_map"][name]
+    (out / SAFE_INDEX).write_text(json.dumps(index))
+    with pytest.raises(MergeVerificationError, match=f"the merged checkpoint lacks tensor '{name}'"):
+        verdict()
+
 
 def test_the_layer_walk_runs_the_model_as_its_own_forward_does(
     tmp_path: Path, sharded_llama: Path, monkeypatch: pytest.MonkeyPatch

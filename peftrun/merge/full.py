@@ -18,6 +18,7 @@ from peftrun.errors import UserError
 from peftrun.merge.sources import MergeInputs, read_base_config
 from peftrun.merge.verdict import (
     MergedFiles,
+    MergeVerificationError,
     Verdict,
     adapter_layers,
     compare_logits,
@@ -102,7 +103,7 @@ def _layer_by_layer(
         trained = Source(
             "the trained model", lambda name: to_4bit(name, _read(base, name)), adapter, base_rows(quantized)
         )
-    merged_source = Source("the merged checkpoint", lambda name: _read(merged, name), rows=merged.rows)
+    merged_source = Source("the merged checkpoint", lambda name: _read_merged(merged, name), rows=merged.rows)
     vocab_size = int(read_base_config(inputs.base_dir).get("vocab_size") or 2)
     verdict, from_trained = layer_by_layer(
         weightless_model(inputs), reference, merged_source, tolerance, vocab_size, trained
@@ -115,6 +116,12 @@ def _layer_by_layer(
 def _read(files: MergedFiles, name: str) -> torch.Tensor:
     if name not in files.weight_map:
         raise WalkUnsupported(f"{files.directory} has no tensor '{name}'")
+    return files.get(name)
+
+
+def _read_merged(files: MergedFiles, name: str) -> torch.Tensor:
+    if name not in files.weight_map:
+        raise MergeVerificationError(f"the merged checkpoint lacks tensor '{name}'")
     return files.get(name)
 
 
