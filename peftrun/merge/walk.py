@@ -100,7 +100,12 @@ class AdapterLayers:
         # peft matches target modules by their full names (layer indices, patterns): the block goes in a
         # shell at its own path.
         shell = _shell(module, block)
-        inject_adapter_in_model(copy.copy(self.config), shell)
+        try:
+            inject_adapter_in_model(copy.copy(self.config), shell)
+        except ValueError as exc:  # methods whose state is shared across layers (VeRA, ...)
+            raise WalkUnsupported(
+                f"peft cannot put this adapter on one block: {str(exc).split('. ')[0]}"
+            ) from None
         unexpected: list[str] = set_peft_model_state_dict(shell, own).unexpected_keys  # type: ignore[attr-defined]
         if unexpected:
             raise RuntimeError(f"internal: adapter tensors {unexpected[:3]} found no peft layer")
