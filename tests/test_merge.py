@@ -548,3 +548,217 @@ def test_a_merge_file_is_the_command_written_down(
     assert main(["merge", str(spec)]) == 2
     assert f"{spec}: densty: unknown key; did you mean 'density'?" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_full_verdict_names_the_layer_with_a_corrupted_merged_weight(
+    tmp_path: Path, sharded_llama: Path, layer: int
+) -> None:
+    """One weight of one layer flipped in the merged checkpoint: the layer-by-layer verdict fails and names
+    that layer (every block runs on the reference's hidden states, so later layers still agree)."""
+    from peftrun.merge import judge, meta_model
+    from peftrun.merge.lora import plan
+    from peftrun.merge.stream import base_weight_map
+
+    torch.manual_seed(0)
+    from transformers import AutoModelForCausalLM
+
+    model = peft.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(sharded_llama),
+        peft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"]),
+    )
+    randomized(model, seed=4).save_pretrained(tmp_path / "adapter")
+    inputs = inputs_for(str(tmp_path / "adapter"), str(sharded_llama))
+    out = merge(inputs, tmp_path / "merged", MergeOptions(dtype="fp32", max_shard_size=SHARD)).out_dir
+    merge_plan = plan(
+        inputs.adapter_config, load_file(tmp_path / "adapter" / ADAPTER_WEIGHTS), meta_model(inputs)
+    )
+
+    def verdict() -> Any:
+        return judge(
+            inputs,
+            out,
+            torch.float32,
+            "full",
+            merge_plan,
+            base_weight_map(sharded_llama),
+            lambda n, t: t,
+            None,
+        )
+
+    passed = verdict()
+    assert passed.blocks and {f"model.layers.{i}" for i in (0, 1)} <= {b.block for b in passed.blocks}
+    assert {"model.embed_tokens", "model.norm", "lm_head"} <= {b.block for b in passed.blocks}
+
+    name = f"model.layers.{layer}.mlp.up_proj.weight"  # not adapted: the copy of the base is checked too
+    shard = out / MergedFiles(out).weight_map[name]
+    tensors = load_file(shard)
+    flat = tensors[name].view(-1)
+    flat[int(flat.abs().argmax())] *= -1  # one weight's sign flipped
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(
+        MergeVerificationError, match=rf"block model\.layers\.{layer} of the merged model differs"
+    ):
+        verdict()
+
+    del tensors[name]  # and a tensor missing altogether
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index = json.loads((out / SAFE_INDEX).read_text())
+    del index["weight_map"][name]
+    (out / SAFE_INDEX).write_text(json.dumps(index))
+    with pytest.raises(MergeVerificationError, match=f"the merged checkpoint lacks tensor '{name}'"):
+        verdict()
+
+
+def test_the_layer_walk_runs_the_model_as_its_own_forward_does(
+    tmp_path: Path, sharded_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The walk's reference (blocks built one at a time, embeddings from the probe's rows, the head a slice
+    of rows at a time) gives the logits of base + adapter through peft, loaded whole."""
+    from transformers import AutoModelForCausalLM
+
+    from peftrun.merge import walk
+    from peftrun.merge.verdict import adapter_layers
+
+    monkeypatch.setattr(walk, "HEAD_SLICE_ELEMENTS", 64 * 50)  # the tiny head in several slices
+    torch.manual_seed(0)
+    model = peft.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(sharded_llama),
+        peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "gate_proj"], modules_to_save=["lm_head"]),
+    )
+    randomized(model, seed=5).save_pretrained(tmp_path / "adapter")
+    inputs = inputs_for(str(tmp_path / "adapter"), str(sharded_llama))
+    base = MergedFiles(sharded_llama)
+    reference = walk.Source("reference", base.get, adapter_layers(tmp_path / "adapter"), base.rows)
+    plain = walk.Source("base", base.get, None, base.rows)
+    batch = probe_batch(model.config.vocab_size)
+    result = walk.run_blocks(walk.weightless_model(inputs), [reference, plain], batch)
+    mask = batch["attention_mask"][..., None]
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).logits * mask
+        without = model.get_base_model()
+        with model.disable_adapter():
+            expected_base = without(**batch).logits * mask
+    torch.testing.assert_close(result.logits[0], expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(result.logits[1], expected_base, rtol=0, atol=1e-5)
+    assert float((expected - expected_base).abs().max()) > 1e-3  # the adapter matters
+
+
+def test_combining_holds_no_base_weights(two_adapters: dict[str, Path]) -> None:
+    from peftrun.merge.combine import shape_only_base
+
+    model = shape_only_base(inputs_for(str(two_adapters["a"]), None))
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+    assert sum(storages.values()) <= 4 and sum(p.numel() for p in model.parameters()) > 10_000
+
+
+def test_the_whole_model_path_checks_memory_before_loading(
+    tmp_path: Path, sharded_llama: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Where the model would not fit: peft's whole-model merge stops with one line before loading, and a
+    full verdict that cannot run layer by layer falls back to the light check, saying so."""
+    from transformers import AutoModelForCausalLM
+
+    from peftrun.merge import full
+    from peftrun.merge.walk import WalkUnsupported
+
+    monkeypatch.setattr(full, "available_bytes", lambda: 1024)
+    config = peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(sharded_llama), config)
+    model.save_pretrained(str(tmp_path / "ia3"))
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path / "ia3"), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "holds the whole model in fp32" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m").exists()
+
+    def unsupported(*args: Any) -> Any:
+        raise WalkUnsupported("an architecture it does not know")
+
+    monkeypatch.setattr(full, "_layer_by_layer", unsupported)
+    torch.manual_seed(0)
+    lora = peft.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(sharded_llama), peft.LoraConfig(r=4, target_modules=["q_proj"])
+    )
+    randomized(lora, seed=6).save_pretrained(tmp_path / "lora")
+    result = merge(inputs_for(str(tmp_path / "lora"), None), tmp_path / "m2", MergeOptions())
+    assert result.verdict.kind == "per-layer sample"
+    assert (
+        "cannot run" in capsys.readouterr().out and "ran the light check instead" in result.verdict.notes[-1]
+    )
+
+
+def test_a_classifier_merge_streams_with_the_trained_head(tmp_path: Path, tiny_bert: Path) -> None:
+    """The classifier's tensors only (not the base's own head), its head from the adapter, its class named
+    in config.json; the merged model gives the adapter model's logits."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(
+        AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2),
+        peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"]),
+    )
+    randomized(model, seed=7).save_pretrained(str(tmp_path / "adapter"))
+    result = merge(inputs_for(str(tmp_path / "adapter"), str(tiny_bert)), tmp_path / "merged", MergeOptions())
+    assert result.streamed and result.verdict.blocks
+    merged = AutoModelForSequenceClassification.from_pretrained(result.out_dir).eval()
+    assert set(merged_files(result.out_dir)) == set(merged.state_dict()) - {"bert.embeddings.position_ids"}
+    config = json.loads((result.out_dir / "config.json").read_text())
+    assert config["architectures"] == ["BertForSequenceClassification"]
+    batch = probe_batch(merged.config.vocab_size)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, model(**batch).logits, rtol=0, atol=1e-5)
+
+
+ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    # sliding-window layers (per-layer attention types and masks), scaled embeddings, a tied head
+    "gemma3": (
+        "Gemma3ForCausalLM",
+        "Gemma3TextConfig",
+        {"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]},
+    ),
+    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config", {"sliding_window": 4, "final_logit_softcapping": 30.0}),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", {"tie_word_embeddings": True}),
+}
+
+
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_the_layer_walk_follows_each_architectures_own_forward(tmp_path: Path, architecture: str) -> None:
+    """Rotary embeddings, sliding-window masks, embedding scales, logit soft-caps and tied heads come from
+    the model's own forward: the walk's reference gives peft's logits exactly."""
+    import transformers
+
+    from peftrun.merge import walk
+    from peftrun.merge.verdict import adapter_layers
+
+    model_class, config_class, extra = ARCHITECTURES[architecture]
+    config = getattr(transformers, config_class)(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        **extra,
+    )
+    torch.manual_seed(0)
+    base_model = getattr(transformers, model_class)(config)
+    base_model.save_pretrained(tmp_path / "base", max_shard_size="100KB")
+    model = peft.get_peft_model(
+        base_model, peft.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    )
+    model.save_pretrained(str(tmp_path / "adapter"))
+    base = MergedFiles(tmp_path / "base")
+    reference = walk.Source("reference", base.get, adapter_layers(tmp_path / "adapter"), base.rows)
+    inputs = inputs_for(str(tmp_path / "adapter"), str(tmp_path / "base"))
+    batch = probe_batch(300)
+    got = walk.run_blocks(walk.weightless_model(inputs), [reference], batch).logits[0]
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).logits * batch["attention_mask"][..., None]
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    result = merge(inputs, tmp_path / "merged", MergeOptions(dtype="fp32"))
+    assert len(result.verdict.blocks) == 6 and result.verdict.max_rel < 1e-4

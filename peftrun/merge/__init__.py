@@ -28,9 +28,7 @@ from peftrun.merge.verdict import (
     MergedFiles,
     MergeVerificationError,
     Verdict,
-    compare_logits,
     light_verdict,
-    probe_logits,
 )
 from peftrun.model.load import DTYPES, load_model
 from peftrun.recipe.schema import ModelConfig
@@ -88,8 +86,12 @@ def merge(
 
     adapter_config = inputs.adapter_config
     merge_plan = plan(adapter_config, load_file(inputs.adapter_dir / ADAPTER_WEIGHTS), skeleton)
-    if isinstance(merge_plan, MergePlan) and inputs.task.classifier:
-        merge_plan = "classifiers (their new head is not in the base's files)"
+    classifier = inputs.task.classifier and isinstance(merge_plan, MergePlan) and weight_map is not None
+    if classifier and isinstance(merge_plan, MergePlan) and weight_map is not None:
+        from peftrun.merge.classifier import unstreamable
+
+        # The head comes from the adapter, not the base's files; everything else must be in them.
+        merge_plan = unstreamable(merge_plan, weight_map, skeleton) or merge_plan
     elif isinstance(merge_plan, MergePlan) and weight_map is None:
         merge_plan = "bases without safetensors weights"
     elif (
@@ -107,9 +109,23 @@ def merge(
                 f"({len(set(weight_map.values()))} base file(s), largest "
                 f"{largest_file_bytes(inputs.base_dir, weight_map) / 2**20:.1f} MiB) in fp32, saved as {_name(dtype)}"
             )
-            shards = write_merged_shards(
-                inputs.base_dir, weight_map, merge_plan, dtype, tmp, max_shard_bytes, base_weight
-            )
+            if classifier:
+                from peftrun.merge.classifier import write_classifier_shards
+
+                shards = write_classifier_shards(
+                    inputs.base_dir,
+                    weight_map,
+                    merge_plan,
+                    skeleton,
+                    dtype,
+                    tmp,
+                    max_shard_bytes,
+                    base_weight,
+                )
+            else:
+                shards = write_merged_shards(
+                    inputs.base_dir, weight_map, merge_plan, dtype, tmp, max_shard_bytes, base_weight
+                )
         else:
             say(
                 f"[peftrun] streaming covers the LoRA family, not {merge_plan}: merging with peft's "
@@ -117,6 +133,8 @@ def merge(
             )
             shards = peft_merge(inputs, tmp, dtype, options.max_shard_size, base_weight)
         notes = write_model_files(inputs, tmp, dtype)
+        if classifier and isinstance(merge_plan, MergePlan):
+            _name_architecture(tmp, type(skeleton).__name__)
         try:
             verdict = judge(
                 inputs, tmp, dtype, options.check, merge_plan, weight_map, base_weight, round_tripped
@@ -176,6 +194,9 @@ def peft_merge(
     """peft's own merge of the whole model in memory (fp32), for adapters streaming does not cover."""
     from peft import PeftModel
 
+    from peftrun.merge.full import check_whole_model_fits
+
+    check_whole_model_fits(inputs, "peft's merge_and_unload")
     model = load_adapter_base(inputs, torch.float32)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -207,10 +228,10 @@ def judge(
     base_weight: Callable[[str, torch.Tensor], torch.Tensor],
     round_tripped: frozenset[str] | None,
 ) -> Verdict:
-    quant = inputs.quantization
-    if check == "light" and isinstance(merge_plan, MergePlan) and weight_map is not None:
+    def light() -> Verdict:
         from peft import PeftConfig
 
+        assert isinstance(merge_plan, MergePlan)
         return light_verdict(
             merge_plan,
             PeftConfig.from_pretrained(str(inputs.adapter_dir)),
@@ -220,49 +241,34 @@ def judge(
             dtype,
             logit_tolerance(dtype, quantized=False),
             round_tripped or frozenset(),
-        ).check()
-    from peft import PeftModel
-
-    vocab_size = int(read_base_config(inputs.base_dir).get("vocab_size") or 2)
-    # The reference is what was trained: the 4-bit base for a round-trip QLoRA merge, else the fp32 base.
-    reference_quantized = round_tripped is not None and quant is not None
-    tolerance = logit_tolerance(dtype, quantized=False)
-    label = "base + adapter through peft (fp32)"
-    if reference_quantized and quant is not None:
-        tolerance = max(tolerance, logit_tolerance(DTYPES[quant.compute_dtype], quantized=True))
-        label = f"the trained model: {quant.bits}-bit {quant.quant_type} base + adapter through peft"
-
-    def reference() -> Any:
-        return PeftModel.from_pretrained(
-            load_adapter_base(inputs, torch.float32, quantized=reference_quantized), inputs.adapter_dir
         )
 
-    def merged() -> Any:
-        return inputs.task.model_class().from_pretrained(
-            merged_dir, dtype=dtype, trust_remote_code=inputs.trust_remote_code
-        )
+    # The light check compares the base's tensors one for one; a classifier has another head.
+    streamed = isinstance(merge_plan, MergePlan) and weight_map is not None and not inputs.task.classifier
+    if check == "light" and streamed:
+        return light().check()
+    from peftrun.merge.full import full_verdict
 
-    merged_logits = probe_logits(merged, vocab_size)  # compared with one or two references below
-    verdict = compare_logits(probe_logits(reference, vocab_size), merged_logits, tolerance, label)
-    if quant is not None and not reference_quantized:
-        trained = compare_logits(
-            probe_logits(
-                lambda: PeftModel.from_pretrained(
-                    load_adapter_base(inputs, torch.float32, quantized=True), inputs.adapter_dir
-                ),
-                vocab_size,
-            ),
-            merged_logits,
-            float("inf"),
-            "",
-        )
-        verdict.notes.append(
-            f"merged into the original (unquantized) weights: vs the trained {quant.bits}-bit model the logits differ "
-            f"by max rel {trained.max_rel:.2e} (the quantization error; --qlora-base dequantized removes it)"
-        )
+    verdict = full_verdict(inputs, merged_dir, dtype, base_weight, round_tripped, light if streamed else None)
     if check == "light":
         verdict.notes.append("light check needs a streamed LoRA merge; ran the full logits verdict instead")
     return verdict.check()
+
+
+def _name_architecture(out_dir: Path, architecture: str) -> None:
+    """config.json names the classifier's class (serving stacks read it), not the base's."""
+    import json
+
+    path = out_dir / "config.json"
+    config = json.loads(path.read_text())
+    config["architectures"] = [architecture]
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _task_name(inputs: MergeInputs) -> str:
+    from peftrun.model.tasks import TASKS
+
+    return next(name for name, task in TASKS.items() if task is inputs.task)
 
 
 def _unchanged(name: str, tensor: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,9 @@ refused here with the reason (checked on the adapter configs, before any weight 
 - modules_to_save: the combined adapter does not carry them, so they would be silently dropped;
 - mixed ranks (or rank patterns) for the combinations that add A and B matrices elementwise;
 - adapters trained on different bases.
+
+Combining reads the adapters' matrices only, so the base peft builds its layers on holds no weights
+(shape_only_base): memory is the adapters, not the model.
 """
 
 from __future__ import annotations
@@ -116,13 +119,9 @@ def combine_adapters(
     """Write the combined adapter to out_dir; returns the inputs to merge it with the (shared) base."""
     from peft import PeftModel
 
-    from peftrun.merge import load_adapter_base
-
     check_combination(adapters, weights, combination, density)
     first = adapters[0]
-    model = PeftModel.from_pretrained(
-        load_adapter_base(first, torch.float32), first.adapter_dir, adapter_name="a0"
-    )
+    model = PeftModel.from_pretrained(shape_only_base(first), first.adapter_dir, adapter_name="a0")
     for i, adapter in enumerate(adapters[1:], start=1):
         model.load_adapter(str(adapter.adapter_dir), adapter_name=f"a{i}")
     torch.manual_seed(seed)  # DARE prunes at random
@@ -144,3 +143,17 @@ def combine_adapters(
     config["base_model_name_or_path"] = first.base
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
     return replace(first, adapter_dir=out_dir)
+
+
+def shape_only_base(inputs: MergeInputs) -> Any:
+    """The base's architecture with every weight one shared fp32 zero broadcast to its shape: peft builds
+    its adapter layers from the base's modules (types, shapes, dtype, device) and add_weighted_adapter
+    reads only the adapters' matrices. Holds no memory; a write into a base weight would raise."""
+    from peftrun.merge.walk import weightless_model
+
+    model = weightless_model(inputs)
+    zero = torch.zeros((), dtype=torch.float32)
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            setattr(module, name, torch.nn.Parameter(zero.expand(param.shape), requires_grad=False))
+    return model

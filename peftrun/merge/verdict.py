@@ -1,9 +1,13 @@
 """Does the merged checkpoint behave like base + adapter? Measured, never assumed.
 
-Full: base + adapter through peft and the merged checkpoint (loaded like a user would, one model in memory
-at a time) on a fixed batch; the max absolute and relative logit differences against a tolerance for the
-output dtype. Light (for models too big to load): a sample of merged layers against peft's own LoRA layer
-forward on the base weight, every replaced weight, a sample of untouched tensors and the tensor names.
+Full, layer by layer (the default): base + adapter through peft's own layers and the merged checkpoint,
+run by the model's own forward one block of weights at a time (walk.py) on a fixed batch: every block of
+the merged model against the reference's on the same hidden states (a wrong layer is named), then the two
+models' logits end to end. Full, whole model (architectures the walk cannot run): the same batch through
+base + adapter and the merged checkpoint loaded like a user would, one model in memory at a time. Both
+report the max absolute and relative differences against a tolerance for the output dtype. Light: a
+sample of merged layers against peft's own LoRA layer forward on the base weight, every replaced weight,
+a sample of untouched tensors and the tensor names.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from safetensors import safe_open
 
 from peftrun.merge.lora import LoraUpdate, MergePlan
 from peftrun.merge.stream import base_weight_map
-from peftrun.run.verify import logit_diff, logits_on
+from peftrun.merge.walk import AdapterLayers, BlockDiff, Source, run_blocks
+from peftrun.run.verify import LogitDiff, logit_diff, logits_on
 
 LIGHT_SAMPLE = 8  # merged layers (and untouched tensors) checked by the light verdict
 LIGHT_ROWS = 256  # rows of each sampled untouched tensor compared
@@ -31,20 +36,37 @@ class MergeVerificationError(RuntimeError):
 
 @dataclass
 class Verdict:
-    kind: str  # 'logits' or 'per-layer sample'
+    kind: str  # 'logits' (whole models, or layer by layer when `blocks` is set) or 'per-layer sample'
     max_abs: float
     max_rel: float
     tolerance: float  # on max_rel
     reference: str  # what the merged model was compared with
     notes: list[str] = field(default_factory=list)
+    blocks: list[BlockDiff] = field(default_factory=list)  # layer by layer: each block, in forward order
 
     def line(self) -> str:
+        checked, kind = "", self.kind
+        if self.blocks:
+            kind = "layer by layer"
+            worst = max(self.blocks, key=lambda b: b.max_rel)
+            checked = (
+                f"{len(self.blocks)} blocks on the same hidden states, worst {worst.block} max rel diff "
+                f"{worst.max_rel:.2e}; end-to-end logits: "
+            )
         return (
-            f"verdict ({self.kind}, vs {self.reference}): max |diff| {self.max_abs:.2e}, max rel diff "
+            f"verdict ({kind}, vs {self.reference}): {checked}max |diff| {self.max_abs:.2e}, max rel diff "
             f"{self.max_rel:.2e} (tolerance {self.tolerance:.0e}): OK"
         )
 
     def check(self) -> Verdict:
+        wrong = [b for b in self.blocks if not b.max_rel <= self.tolerance]
+        if wrong:
+            # Each block ran on the reference's hidden states: the first wrong one is where the merge went wrong.
+            raise MergeVerificationError(
+                f"block {wrong[0].block} of the merged model differs from {self.reference} on the same hidden "
+                f"states: max |diff| {wrong[0].max_abs:.3e}, max rel diff {wrong[0].max_rel:.3e} > tolerance "
+                f"{self.tolerance:.0e}" + (f" ({len(wrong)} blocks differ)" if len(wrong) > 1 else "")
+            )
         if not self.max_rel <= self.tolerance:
             raise MergeVerificationError(
                 f"the merged model differs from {self.reference}: max |diff| {self.max_abs:.3e}, max rel diff "
@@ -75,6 +97,44 @@ def compare_logits(expected: torch.Tensor, got: torch.Tensor, tolerance: float, 
     return Verdict("logits", diff.max_abs, diff.max_rel, tolerance, label)
 
 
+def layer_by_layer(
+    skeleton: Any,
+    reference: Source,
+    merged: Source,
+    tolerance: float,
+    vocab_size: int,
+    also: Source | None = None,
+) -> tuple[Verdict, LogitDiff | None]:
+    """The merged model against the reference, one block of weights in memory at a time (walk.py);
+    `skeleton`: the architecture with meta parameters and real buffers (it is consumed). With `also`,
+    how far the merged model's logits are from that third model's (e.g. the trained 4-bit one)."""
+    sources = [reference, merged] if also is None else [reference, merged, also]
+    result = run_blocks(skeleton, sources, probe_batch(vocab_size))
+    names = ("the merged model", reference.label)
+    diff = logit_diff(result.logits[0], result.logits[1], names, MergeVerificationError)
+    verdict = Verdict(
+        "logits", diff.max_abs, diff.max_rel, tolerance, reference.label, blocks=result.blocks[0]
+    )
+    verdict.notes.append(
+        f"full verdict layer by layer: one block in memory at a time (the largest built whole: "
+        f"{result.largest_block_bytes / 2**20:.1f} MiB in fp32)"
+    )
+    extra = logit_diff(result.logits[2], result.logits[1], names) if also is not None else None
+    return verdict, extra
+
+
+def adapter_layers(adapter_dir: Path) -> AdapterLayers:
+    """The adapter as peft's own layers, put on one block at a time (the walk's reference)."""
+    from peft import PeftConfig
+    from safetensors.torch import load_file
+
+    from peftrun.run.verify import ADAPTER_WEIGHTS
+
+    return AdapterLayers(
+        PeftConfig.from_pretrained(str(adapter_dir)), load_file(adapter_dir / ADAPTER_WEIGHTS)
+    )
+
+
 def _logits_then_free(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     logits = logits_on(model, batch)
     del model
@@ -92,6 +152,16 @@ class MergedFiles:
     def get(self, name: str) -> torch.Tensor:
         with safe_open(self.directory / self.weight_map[name], framework="pt") as handle:
             return handle.get_tensor(name)
+
+    def rows(self, name: str, index: list[int] | slice) -> torch.Tensor | None:
+        """Rows of a 2-D tensor, read without the rest; None if the checkpoint has no such tensor."""
+        if name not in self.weight_map:
+            return None
+        with safe_open(self.directory / self.weight_map[name], framework="pt") as handle:
+            view = handle.get_slice(name)
+            if isinstance(index, slice):
+                return view[index]
+            return torch.cat([view[i : i + 1] for i in index])
 
     def head(self, name: str, rows: int = LIGHT_ROWS) -> torch.Tensor:
         """The first rows of a tensor (an embedding's full matrix is not needed to spot a wrong copy)."""
