@@ -85,7 +85,17 @@ def asked(machines: int, processes: int | None, rank: int = 0, launcher: str = "
         ({"WORLD_SIZE": "2", "RANK": "1"}, "a launcher", World(None, 2)),
         (srun_env(2, 2), "none", World(1, 1)),  # srun makes no torch world
     ],
-    ids=["python", "torchrun", "torchrun-2-machines", "deepspeed-1", "deepspeed-2", "openmpi", "pmi", "bare", "srun"],
+    ids=[
+        "python",
+        "torchrun",
+        "torchrun-2-machines",
+        "deepspeed-1",
+        "deepspeed-2",
+        "openmpi",
+        "pmi",
+        "bare",
+        "srun",
+    ],
 )
 def test_the_launcher_and_its_world_are_read_from_its_variables(
     env: dict[str, str], launcher: str, world: World
@@ -180,7 +190,9 @@ def test_command_line_wins_over_the_config_file_relative_to_the_launchers_direct
         AccelerateLaunch(1, 2, 0, "pdsh")
     )
     hostfile = ["--config_file", "two.yaml", "--deepspeed_hostfile", "/etc/hosts.ds", *script]
-    assert parse_accelerate_launch(hostfile, tmp_path) == AccelerateLaunch(2, 2, 0, "standard", "/etc/hosts.ds")
+    assert parse_accelerate_launch(hostfile, tmp_path) == AccelerateLaunch(
+        2, 2, 0, "standard", "/etc/hosts.ds"
+    )
     assert parse_accelerate_launch(["--cpu", "--num_processes", "2", "x.py"], tmp_path) == AccelerateLaunch(
         1, 2, 0, "pdsh"
     )
@@ -264,6 +276,8 @@ def test_zero3_on_two_machines_with_the_standard_launcher_trains_one_world(tiny_
     out = tiny_recipe.parent / "run"
     manifest: dict[str, Any] = json.loads((out / "manifest.json").read_text())
     assert manifest["world_size"] == 2
-    steps = [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    steps = [
+        r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r
+    ]
     assert steps == [1, 2], "one history: the two machines trained one run, not two"
     assert (out / "final" / "adapter_model.safetensors").is_file()
