@@ -219,7 +219,7 @@ def tiny_recipe(tmp_path: Path, tiny_llama: Path, alpaca_file: Path) -> Path:
     recipe = {
         "output_dir": str(tmp_path / "run"),
         "model": {"name_or_path": str(tiny_llama)},
-        "data": {"path": str(alpaca_file), "max_seq_len": 128},
+        "data": {"path": str(alpaca_file), "max_seq_len": 256},
         "method": {"kind": "lora", "r": 4, "alpha": 8, "target_modules": "all-linear"},
         "train": {"max_steps": 2, "global_batch_size": 2, "micro_batch_size": 1, "lr": 1e-2},
         "checkpoint": {"at_end": False},
@@ -245,7 +245,7 @@ def two_machines(recipe: Path, *extra: str) -> list[subprocess.CompletedProcess[
         cmd += ["--num_machines", "2", "--machine_rank", str(rank), "--num_processes", "2"]
         cmd += ["--main_process_ip", "127.0.0.1", "--main_process_port", port]
         cmd += ["--rdzv_backend", "static", "--same_network", *extra, "-m", "peftrun", str(recipe)]
-        return subprocess.run(cmd, env=env, cwd=recipe.parent, capture_output=True, text=True, timeout=300)
+        return subprocess.run(cmd, env=env, cwd=recipe.parent, capture_output=True, text=True, timeout=420)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         return list(pool.map(machine, (0, 1)))
