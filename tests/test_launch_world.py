@@ -203,6 +203,39 @@ def test_a_process_not_started_by_accelerate_finds_no_launch() -> None:
     assert find_accelerate_launch() is None
 
 
+def test_the_launch_is_read_from_the_parent_process(tmp_path: Path) -> None:
+    """A parent whose command line is `python .../accelerate launch ...` (as the real console script's
+    is), read back by its child from /proc, its relative config file from the parent's directory."""
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "zero3.yaml").write_text((CONFIGS / "zero3.yaml").read_text())
+    child = "from peftrun.launch_world import find_accelerate_launch; print(repr(find_accelerate_launch()))"
+    launcher = tmp_path / "accelerate"
+    launcher.write_text(
+        f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', {child!r}], check=True)\n"
+    )
+    args = [
+        "--config_file",
+        "configs/zero3.yaml",
+        "--num_machines",
+        "2",
+        "--machine_rank",
+        "1",
+        "-m",
+        "peftrun",
+    ]
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    done = subprocess.run(
+        [sys.executable, str(launcher), "launch", *args, "r.yaml"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert done.stdout.strip() == repr(AccelerateLaunch(2, 2, 1, "pdsh"))
+
+
 # ---- issue 19 for real: two "machines" over loopback under ZeRO-3 ---------------------------------
 
 
