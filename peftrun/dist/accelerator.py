@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from peftrun.errors import UserError
+from peftrun.launch_world import check_launch_world
 from peftrun.recipe.schema import Recipe
 
 # What launchers set for the number of processes (torchrun/accelerate, then MPI implementations).
@@ -80,6 +81,7 @@ def make_accelerator(recipe: Recipe, log_with: list[str]) -> Any:
 
     world_size = launcher_world_size()
     _check_cpu_flag_launch(world_size)
+    check_launch_world()  # the world the launch asked for (machines, processes) is the one it got
     deepspeed = deepspeed_requested()
     accumulation = grad_accum_steps(recipe, world_size)
     handlers = []
