@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from peftrun.errors import UserError
-from peftrun.launch_world import check_launch_world
+from peftrun.dist.launch_world import check_launch_world
 from peftrun.recipe.schema import Recipe
 
 # What launchers set for the number of processes (torchrun/accelerate, then MPI implementations).
