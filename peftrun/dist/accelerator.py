@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from peftrun.errors import UserError
 from peftrun.dist.launch_world import check_launch_world
+from peftrun.errors import UserError
 from peftrun.recipe.schema import Recipe
 
 # What launchers set for the number of processes (torchrun/accelerate, then MPI implementations).
