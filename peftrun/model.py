@@ -228,12 +228,22 @@ def check_method_against_architecture(recipe: Recipe, model_config: Any) -> tupl
     rejects for this architecture, in well under a second even for a 70B config.
     Returns (trainable, total) parameter counts.
     """
+    model = meta_model(recipe, model_config)
+    return count_parameters(apply_method_checked(model, recipe))
+
+
+def meta_model(recipe: Recipe, model_config: Any, dtype: torch.dtype | None = None) -> Any:
+    """The recipe's base model on the meta device: its structure and shapes, no memory, no weights."""
     with torch.device("meta"):
-        model = (
+        return (
             TASKS[recipe.task]
             .model_class()
-            .from_config(model_config, trust_remote_code=recipe.model.trust_remote_code)
+            .from_config(model_config, trust_remote_code=recipe.model.trust_remote_code, dtype=dtype)
         )
+
+
+def apply_method_checked(model: Any, recipe: Recipe) -> Any:
+    """apply_method on a meta model, with each mismatch against the architecture said in one line."""
     module_names = [n for n, _ in model.named_modules() if n]
     for key in ("target_modules", "modules_to_save", "feedforward_modules", "exclude_modules"):
         value = recipe.method.options.get(key)
@@ -263,7 +273,7 @@ def check_method_against_architecture(recipe: Recipe, model_config: Any) -> tupl
         raise UserError(
             f"method: peft cannot apply '{recipe.method.kind}' to {type(model).__name__}: {_first_line(exc)}"
         ) from None
-    return count_parameters(model)
+    return model
 
 
 def _linear_leaf_names(model: Any) -> list[str]:
