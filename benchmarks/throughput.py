@@ -13,7 +13,9 @@ in fresh subprocesses, alternating the sides (A B C A B C ...) so that the machi
 - peftrun, packing off: `peftrun train` on the same data, model and LoRA settings, same batches shape;
 - peftrun, packing on: the same with `data.packing=true` (rows of up to 512 tokens);
 - peftrun, packing on, `train.fused_lora=false`: peft's own LoRA layers, to measure that switch;
-- peftrun, packing on, `train.cpu_matmul=torch`: torch's default BLAS instead of oneDNN, the same.
+- peftrun, packing on, `train.cpu_matmul=torch`: torch's default BLAS instead of oneDNN, the same;
+- peftrun, packing on, `train.compile=true`: each decoder layer through torch.compile (its compile
+  time falls in the warm-up steps left out below; new row lengths may recompile once or twice).
 
 Figures per side: median over rounds of the non-padding tokens/s of the training loop (per-step
 figures from step 4 on, so start-up is left out), peak RSS of the process, and the final loss; then
@@ -52,6 +54,7 @@ PEFTRUN_SIDES: dict[str, tuple[bool, dict[str, Any]]] = {
     "peftrun_packed": (True, {}),
     "peftrun_packed_peft_lora": (True, {"fused_lora": False}),
     "peftrun_packed_torch_matmul": (True, {"cpu_matmul": "torch"}),
+    "peftrun_packed_compile": (True, {"compile": True}),
 }
 SIDES = ("baseline", *PEFTRUN_SIDES)
 WARMUP_STEPS = 3  # per-step figures of these first steps are left out (allocations, lazy imports)

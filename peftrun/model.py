@@ -173,14 +173,22 @@ def _load_weights(cfg: ModelConfig, model_class: Any, device_map: Any, labels: l
 def load_base(recipe: Recipe, device_map: Any = None) -> Any:
     """The recipe's base model, with the class names its data resolved to (classifiers).
 
-    Packed training gets attention that runs each sample of a row on its own (attention.py) unless
-    the recipe picked a kernel: with sdpa's generic path a packed row costs its full length squared.
+    Its attention kernel is the one accel_select.choose_attention picks for the device (packing: a
+    variable-length kernel on CUDA, per-sample sdpa on CPU); Liger's kernels go in where asked.
     """
     model = load_model(recipe.model, recipe.task, device_map, labels=recipe.data.labels)
-    if recipe.data.packing and recipe.model.attn_implementation in (None, "sdpa"):
+    from peftrun.accel_select import apply_liger, choose_attention
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    attention = choose_attention(recipe, device).name
+    if attention == "peftrun_packed_sdpa":
         from peftrun.attention import register
 
-        model.set_attn_implementation(register())
+        attention = register()
+    if attention is not None and attention != recipe.model.attn_implementation:
+        model.set_attn_implementation(attention)
+    if recipe.train.liger:
+        apply_liger(model)
     return model
 
 
@@ -210,6 +218,10 @@ def make_trainable(model: Any, recipe: Recipe) -> Any:
         from peftrun.fused_lora import fuse_lora_layers
 
         fuse_lora_layers(model)
+    if recipe.train.compile:
+        from peftrun.accel_select import compile_layers
+
+        compile_layers(model)
     return model
 
 
@@ -266,7 +278,8 @@ def apply_method_checked(model: Any, recipe: Recipe) -> Any:
         method = method.model_copy(update={"init_lora_weights": True})
     task = TASKS[recipe.task]
     try:
-        model = apply_method(model, method, task.peft_task_type, task.head_modules)
+        with torch.device("meta"):  # adapters too: a 70B model's LoRA weights would take seconds and GBs
+            model = apply_method(model, method, task.peft_task_type, task.head_modules)
     except OptionError as exc:
         raise UserError(f"method.{exc.key}: {exc.message}") from None
     except (ValueError, TypeError, KeyError, NotImplementedError) as exc:

@@ -9,6 +9,9 @@ import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from peftrun.accel_select import check_liger, check_packing_architecture
 from peftrun.checkpoint import resolve_resume
 from peftrun.cpu_matmul import resolve as resolve_cpu_matmul
 from peftrun.data.sources import check_source
@@ -53,5 +56,8 @@ def preflight(recipe: Recipe) -> Preflight:
     world_size = launcher_world_size()
     accumulation = grad_accum_steps(recipe, world_size)
     model_config = load_model_config(recipe.model)
+    if recipe.data.packing:
+        check_packing_architecture(model_config)
+    check_liger(recipe, cuda=torch.cuda.is_available())
     trainable, total = check_method_against_architecture(recipe, model_config)
     return Preflight(model_config, trainable, total, accumulation, world_size)

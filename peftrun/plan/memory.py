@@ -117,7 +117,9 @@ def activations(
     """Bytes of one micro-batch's activations (per GPU), for a Llama-shaped decoder."""
     layer = layer_bytes_per_token(c, precision) * tokens
     head = head_saved_per_token(c, precision) * head_tokens
-    logits_transient = 8 * c.vocab * head_tokens  # fp32 logits and their gradient beside the saved 4V
+    # Beside the saved fp32 log-probabilities (4V per token), backward holds three more [tokens, V] fp32
+    # tensors: the loss gradient, exp(log-probs) inside log_softmax's backward, and its output.
+    logits_transient = 12 * c.vocab * head_tokens
     layer_transient = 2 * precision.compute * max(c.intermediate, c.hidden) * tokens
     transient = max(logits_transient, layer_transient)
     if checkpointing:  # each layer keeps its input; backward recomputes one layer at a time
