@@ -59,20 +59,31 @@ DRY = throughput.Preset(
 )  # fmt: skip
 
 
-def side_recipe(side: str, preset: throughput.Preset, model_dir: Path, data: Path, steps: int, out: Path) -> Any:
+def side_recipe(
+    side: str, preset: throughput.Preset, model_dir: Path, data: Path, steps: int, out: Path
+) -> Any:
     from peftrun.recipe.schema import Recipe
 
     method, packing, switches = SIDES[side]
     model: dict[str, Any] = {"name_or_path": str(model_dir), "dtype": preset.dtype}
     if method == "qlora":
         model["quantization"] = {"bits": 4, "compute_dtype": "bf16" if preset.dtype == "bf16" else "fp32"}
-    spec = {"kind": "full"} if method == "full" else {"kind": "lora", **throughput.LORA, "target_modules": "all-linear"}
+    spec = (
+        {"kind": "full"}
+        if method == "full"
+        else {"kind": "lora", **throughput.LORA, "target_modules": "all-linear"}
+    )
     return Recipe.model_validate(
         {
             "output_dir": str(out / "run"),
             "model": model,
             "method": spec,
-            "data": {"path": str(data), "format": "alpaca", "max_seq_len": preset.seq_len, "packing": packing},
+            "data": {
+                "path": str(data),
+                "format": "alpaca",
+                "max_seq_len": preset.seq_len,
+                "packing": packing,
+            },
             "train": {
                 "max_steps": steps,
                 "micro_batch_size": preset.micro_batch,
@@ -90,10 +101,9 @@ def side_recipe(side: str, preset: throughput.Preset, model_dir: Path, data: Pat
 def planned_bytes(recipe: Any) -> int:
     """The plan's one-GPU figure: model states + activation peak (no context allowance)."""
     from peftrun.model import load_model_config
+    from peftrun.plan import precision_for
     from peftrun.plan.census import count_model
     from peftrun.plan.memory import LAUNCHES, activations, model_states
-
-    from peftrun.plan import precision_for
 
     census = count_model(recipe, load_model_config(recipe.model))
     precision = precision_for(recipe, deepspeed=False)
@@ -131,7 +141,9 @@ def worker(side: str, preset: throughput.Preset, model_dir: Path, data: Path, st
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--samples", type=int, default=3000)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="GPU dense bf16 peak, for MFU")
@@ -181,24 +193,35 @@ def _matmul_flops(model_dir: Path) -> float:
 
     c = AutoConfig.from_pretrained(model_dir)
     kv = c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
-    per_layer = 2 * c.hidden_size * c.hidden_size + 2 * c.hidden_size * kv + 3 * c.hidden_size * c.intermediate_size
+    per_layer = (
+        2 * c.hidden_size * c.hidden_size + 2 * c.hidden_size * kv + 3 * c.hidden_size * c.intermediate_size
+    )
     return 2.0 * (c.num_hidden_layers * per_layer + c.vocab_size * c.hidden_size)
 
 
 def print_table(
-    results: dict[str, dict[str, Any]], preset: Any, steps: int, lora_flops: float, matmul_flops: float, peak: float
+    results: dict[str, dict[str, Any]],
+    preset: Any,
+    steps: int,
+    lora_flops: float,
+    matmul_flops: float,
+    peak: float,
 ) -> None:
     print(f"\nseq {preset.seq_len}, micro-batch {preset.micro_batch}, {preset.dtype}, {steps} steps")
-    print("MFU = tokens/s x FLOPs/token / (peak TFLOPS x 1e12); FLOPs/token = 4 x matmul params (6 x for full "
-          f"fine-tuning) + 12 x layers x hidden x mean context = {lora_flops / 1e9:.2f} GFLOP (adapters), "
-          f"{(lora_flops + matmul_flops) / 1e9:.2f} GFLOP (full); peak {peak:g} TFLOPS\n")
+    print(
+        "MFU = tokens/s x FLOPs/token / (peak TFLOPS x 1e12); FLOPs/token = 4 x matmul params (6 x for full "
+        f"fine-tuning) + 12 x layers x hidden x mean context = {lora_flops / 1e9:.2f} GFLOP (adapters), "
+        f"{(lora_flops + matmul_flops) / 1e9:.2f} GFLOP (full); peak {peak:g} TFLOPS\n"
+    )
     print("| side | tokens/s (median) | peak GPU GB | plan GB | plan error | MFU | final loss |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for side, r in results.items():
         if "failed" in r:
             print(f"| {side} | failed: {r['failed']} ||||||")
             continue
-        tps = statistics.median(r["tokens_per_s"]) if r["tokens_per_s"] else float("nan")  # dry run: too few steps
+        tps = (
+            statistics.median(r["tokens_per_s"]) if r["tokens_per_s"] else float("nan")
+        )  # dry run: too few steps
         flops = lora_flops + (matmul_flops if side.startswith("full") else 0.0)
         measured = r.get("peak_gpu_bytes")
         planned = r.get("planned_bytes")

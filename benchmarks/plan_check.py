@@ -29,16 +29,31 @@ import socket
 import subprocess
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 SHAPES = {
-    "gqa256x4": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-                 "intermediate_size": 688, "vocab_size": 8000, "tie_word_embeddings": False},
-    "mha512x2": {"hidden_size": 512, "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 8,
-                 "intermediate_size": 1376, "vocab_size": 16000, "tie_word_embeddings": True},
+    "gqa256x4": {
+        "hidden_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 688,
+        "vocab_size": 8000,
+        "tie_word_embeddings": False,
+    },
+    "mha512x2": {
+        "hidden_size": 512,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+        "intermediate_size": 1376,
+        "vocab_size": 16000,
+        "tie_word_embeddings": True,
+    },
 }
 METHODS = {
     "full": ({"kind": "full"}, None),
@@ -62,8 +77,12 @@ def recipe_for(model_dir: str, method: str, micro: int, seq: int, world: int) ->
             "model": {"name_or_path": model_dir, **({"quantization": quant} if quant else {})},
             "data": {"path": "check.jsonl", "max_seq_len": seq},
             "method": spec,
-            "train": {"micro_batch_size": micro, "global_batch_size": micro * world, "max_grad_norm": None,
-                      "fused_lora": False},
+            "train": {
+                "micro_batch_size": micro,
+                "global_batch_size": micro * world,
+                "max_grad_norm": None,
+                "fused_lora": False,
+            },
             "logging": {"report_to": []},
         }
     )
@@ -82,7 +101,9 @@ def build_models(root: Path) -> dict[str, Path]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--states", action="store_true")
     parser.add_argument("--activations", action="store_true")
     parser.add_argument("--seq", type=int, default=256)
@@ -99,8 +120,14 @@ def main() -> int:
         if args.states or both:
             print_states(run_states(models, args), args)
         if args.activations or both:
-            print_activations([measure_activations(str(m), s, meth, args) for s, m in models.items()
-                               for meth in METHODS if keep(args, s, meth)])
+            print_activations(
+                [
+                    measure_activations(str(m), s, meth, args)
+                    for s, m in models.items()
+                    for meth in METHODS
+                    if keep(args, s, meth)
+                ]
+            )
     return 0
 
 
@@ -130,24 +157,57 @@ def run_states(models: dict[str, Path], args: argparse.Namespace) -> list[dict[s
                 with socket.socket() as sock:
                     sock.bind(("127.0.0.1", 0))
                     port = sock.getsockname()[1]
-                cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
-                       str(REPO / "accelerate_configs" / config), "--num_processes", "2", "--main_process_port",
-                       str(port), __file__, "--micro", str(args.micro), "--seq", str(args.seq),
-                       "--worker", str(model_dir), method, str(out)]
-                env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
-                       "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
+                cmd = [
+                    str(Path(sys.executable).parent / "accelerate"),
+                    "launch",
+                    "--config_file",
+                    str(REPO / "accelerate_configs" / config),
+                    "--num_processes",
+                    "2",
+                    "--main_process_port",
+                    str(port),
+                    __file__,
+                    "--micro",
+                    str(args.micro),
+                    "--seq",
+                    str(args.seq),
+                    "--worker",
+                    str(model_dir),
+                    method,
+                    str(out),
+                ]
+                env = {
+                    **os.environ,
+                    "ACCELERATE_USE_CPU": "true",
+                    "OMP_NUM_THREADS": "1",
+                    "PYTHONWARNINGS": "ignore",
+                    "PYTHONPATH": str(REPO),
+                }
                 print(f"states: {shape} {method} {backend} ...", file=sys.stderr, flush=True)
                 done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
                 if done.returncode != 0:
                     lines = [ln for ln in done.stderr.splitlines() if "Error" in ln or "error" in ln]
-                    rows.append({"shape": shape, "method": method, "backend": backend,
-                                 "failed": (lines or ["?"])[-1][:160]})
+                    rows.append(
+                        {
+                            "shape": shape,
+                            "method": method,
+                            "backend": backend,
+                            "failed": (lines or ["?"])[-1][:160],
+                        }
+                    )
                     continue
                 ranks = [json.loads(line) for line in out.read_text().splitlines()]
                 rank0 = min(ranks, key=lambda r: r["rank"])
                 recipe = recipe_for(str(model_dir), method, args.micro, args.seq, 2)
-                rows.append({"shape": shape, "method": method, "backend": backend, **rank0,
-                             "plan": planned_states(recipe, backend)})
+                rows.append(
+                    {
+                        "shape": shape,
+                        "method": method,
+                        "backend": backend,
+                        **rank0,
+                        "plan": planned_states(recipe, backend),
+                    }
+                )
     return rows
 
 
@@ -161,8 +221,12 @@ def planned_states(recipe: Any, backend: str) -> dict[str, int]:
     census = count_model(recipe, load_model_config(recipe.model))
     precision = precision_for(recipe, deepspeed=launch.zero_stage is not None, device="cpu")
     s = model_states(census, launch, 2, recipe.train.optimizer, precision)
-    return {"weights": s.weights, "gradients": s.gradients + s.buffers, "optimizer": s.optimizer + s.master,
-            "total": s.total}
+    return {
+        "weights": s.weights,
+        "gradients": s.gradients + s.buffers,
+        "optimizer": s.optimizer + s.master,
+        "total": s.total,
+    }
 
 
 def states_worker(model_dir: str, method: str, out: Path, micro: int, seq: int) -> None:
@@ -205,8 +269,10 @@ def states_worker(model_dir: str, method: str, out: Path, micro: int, seq: int) 
     forward_backward()
     gc.collect()
     counts = count_tensors(accelerator.unwrap_model(model), optimizer, deepspeed)
-    counts.update(rank=accelerator.process_index,
-                  peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    counts.update(
+        rank=accelerator.process_index,
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    )
     for rank in range(accelerator.num_processes):
         if rank == accelerator.process_index:
             with out.open("a") as handle:
@@ -226,9 +292,14 @@ def print_states(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         grads = row["grad_bytes"] * (2 if row["backend"] == "DDP" else 1)  # + DDP's invisible buckets
         measured = {"weights": row["param_bytes"], "gradients": grads, "optimizer": row["optim_bytes"]}
         measured["total"] = sum(measured.values())
-        cells = [f"{measured[k] / MB:.2f} / {plan[k] / MB:.2f}" for k in ("weights", "gradients", "optimizer", "total")]
+        cells = [
+            f"{measured[k] / MB:.2f} / {plan[k] / MB:.2f}"
+            for k in ("weights", "gradients", "optimizer", "total")
+        ]
         error = (plan["total"] - measured["total"]) / measured["total"]
-        print(f"| {row['shape']} | {row['method']} | {row['backend']} | {' | '.join(cells)} | {100 * error:+.1f}% |")
+        print(
+            f"| {row['shape']} | {row['method']} | {row['backend']} | {' | '.join(cells)} | {100 * error:+.1f}% |"
+        )
 
 
 # ---- activations: one process --------------------------------------------------------------------------
@@ -247,7 +318,9 @@ def measure_activations(model_dir: str, shape: str, method: str, args: argparse.
     results: dict[str, Any] = {"shape": shape, "method": method}
     for checkpointing in (False, True):
         recipe = recipe_for(model_dir, method, args.micro, args.seq, 1)
-        recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"gradient_checkpointing": checkpointing})})
+        recipe = recipe.model_copy(
+            update={"model": recipe.model.model_copy(update={"gradient_checkpointing": checkpointing})}
+        )
         torch.manual_seed(0)
         model = make_trainable(load_base(recipe), recipe)
         model.train()
@@ -256,7 +329,7 @@ def measure_activations(model_dir: str, shape: str, method: str, args: argparse.
         task = TASKS["causal_lm"]
         task.loss_per_sample(model, batch).sum().backward()  # warm-up: lazy buffers, first-call caches
         model.zero_grad(set_to_none=True)
-        saved = saved_bytes(lambda: task.loss_per_sample(model, batch), model)
+        saved = saved_bytes(partial(task.loss_per_sample, model, batch), model)
         model.zero_grad(set_to_none=True)
         with PeakTracker() as tracker:
             task.loss_per_sample(model, batch).sum().backward()
@@ -264,7 +337,9 @@ def measure_activations(model_dir: str, shape: str, method: str, args: argparse.
         peak = tracker.peak_without(grads)
         census = count_model(recipe, load_model_config(recipe.model))
         tokens = args.micro * args.seq
-        planned = activations(census, tokens, tokens, checkpointing, precision_for(recipe, False, device="cpu"))
+        planned = activations(
+            census, tokens, tokens, checkpointing, precision_for(recipe, False, device="cpu")
+        )
         key = "ckpt" if checkpointing else "plain"
         results[key] = {"saved": saved, "peak": peak, "plan_saved": planned.saved, "plan_peak": planned.peak}
         del model
@@ -350,8 +425,10 @@ def print_activations(rows: list[dict[str, Any]]) -> None:
             r = row[key]
             e1 = (r["plan_saved"] - r["saved"]) / r["saved"]
             e2 = (r["plan_peak"] - r["peak"]) / r["peak"]
-            print(f"| {row['shape']} | {row['method']} | {label} | {r['saved'] / MB:.2f} / {r['plan_saved'] / MB:.2f} | "
-                  f"{100 * e1:+.1f}% | {r['peak'] / MB:.2f} / {r['plan_peak'] / MB:.2f} | {100 * e2:+.1f}% |")
+            print(
+                f"| {row['shape']} | {row['method']} | {label} | {r['saved'] / MB:.2f} / {r['plan_saved'] / MB:.2f} | "
+                f"{100 * e1:+.1f}% | {r['peak'] / MB:.2f} / {r['plan_peak'] / MB:.2f} | {100 * e2:+.1f}% |"
+            )
 
 
 if __name__ == "__main__":

@@ -129,4 +129,6 @@ def compile_layers(model: Any) -> int:
 
 def _is_decoder_stack(modules: Any) -> bool:
     first = type(modules[0]).__name__
-    return first.endswith(("DecoderLayer", "Block", "Layer")) and all(type(m).__name__ == first for m in modules)
+    return first.endswith(("DecoderLayer", "Block", "Layer")) and all(
+        type(m).__name__ == first for m in modules
+    )

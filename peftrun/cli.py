@@ -92,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_plan_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    summary = "memory per GPU under DDP/ZeRO-1/2/3/offload, whether it fits, and the cheapest change that does"
+    summary = (
+        "memory per GPU under DDP/ZeRO-1/2/3/offload, whether it fits, and the cheapest change that does"
+    )
     plan = sub.add_parser("plan", help=summary, description=summary + " (docs/plan.md)")
     plan.add_argument("recipe", help="path to a recipe YAML")
     plan.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe keys")

@@ -58,9 +58,9 @@ def test_packing_refused_where_layers_do_not_see_positions() -> None:
     from transformers import LlamaConfig, MambaConfig, Qwen3NextConfig
 
     check_packing_architecture(LlamaConfig())  # attention everywhere: packing is exact
-    with pytest.raises(UserError, match="data.packing: its linear_attention layers"):
+    with pytest.raises(UserError, match=r"data\.packing: its linear_attention layers"):
         check_packing_architecture(Qwen3NextConfig(num_hidden_layers=4))
-    with pytest.raises(UserError, match="data.packing: .* do not see sample boundaries"):
+    with pytest.raises(UserError, match=r"data\.packing: .* do not see sample boundaries"):
         check_packing_architecture(MambaConfig())
 
 
@@ -70,9 +70,9 @@ def test_validate_refuses_packing_a_hybrid_model(write_recipe: Any, tmp_path: Pa
     from tests.test_cli import peftrun
 
     model_dir = tmp_path / "qwen3next"
-    Qwen3NextConfig(num_hidden_layers=4, hidden_size=64, intermediate_size=128, vocab_size=512).save_pretrained(
-        model_dir
-    )
+    Qwen3NextConfig(
+        num_hidden_layers=4, hidden_size=64, intermediate_size=128, vocab_size=512
+    ).save_pretrained(model_dir)
     path = write_recipe(model={"name_or_path": str(model_dir)}, data={"packing": True})
     result = peftrun("validate", str(path))
     assert result.returncode == 2 and "data.packing: its linear_attention layers" in result.stderr
@@ -80,7 +80,7 @@ def test_validate_refuses_packing_a_hybrid_model(write_recipe: Any, tmp_path: Pa
 
 def test_liger_needs_cuda_and_the_package(write_recipe: Any) -> None:
     r = recipe(write_recipe, True, liger=True)
-    with pytest.raises(UserError, match="train.liger: .*CUDA"):
+    with pytest.raises(UserError, match=r"train\.liger: .*CUDA"):
         check_liger(r, cuda=False)
     with pytest.raises(UserError, match="pip install liger-kernel"):
         check_liger(r, cuda=True, installed=lambda package: False)

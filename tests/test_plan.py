@@ -14,7 +14,7 @@ from peftrun.recipe.schema import Recipe
 
 GB = 1024**3
 # Llama-2-7B's and Llama-3-70B's shapes (untied embeddings).
-SHAPES = {
+SHAPES: dict[str, dict[str, Any]] = {
     "7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
            "num_key_value_heads": 32, "vocab_size": 32000},
     "70b": {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
@@ -78,7 +78,9 @@ def test_qlora_weights_are_counted_as_stored(configs: dict[str, Any]) -> None:
     plan = make_plan(recipe("qlora"), configs["7b"], gpus=1, gpu_memory_gb=24)
     c = plan.census
     h, v = s["hidden_size"], s["vocab_size"]
-    unquantized = 2 * v * h + s["num_hidden_layers"] * 2 * h + h  # embeddings, head, norms: fp32 after k-bit prep
+    unquantized = (
+        2 * v * h + s["num_hidden_layers"] * 2 * h + h
+    )  # embeddings, head, norms: fp32 after k-bit prep
     assert c.quantized_params == llama_params(s) - unquantized
     nf4 = c.quantized_params // 2 + c.quantized_params // 64  # packed values + int8 absmax (double quant)
     expected = nf4 + 4 * (unquantized + c.trainable)
@@ -97,7 +99,16 @@ CASES = [
     # 7B QLoRA with checkpointing on one 24 GB GPU: ~4 GB weights, fits as is.
     ("7b", "qlora", 1, True, 1, 24, {"DDP": True}, "fits as is with DDP"),
     # 70B full on 8 x 80 GB: ZeRO-3's 18 bytes/param / 8 = 158 GB per GPU; only offload is left.
-    ("70b", "full", 1, True, 8, 80, {"DDP": False, "ZeRO-3": False, "ZeRO-3+offload": True}, "ZeRO-3+offload"),
+    (
+        "70b",
+        "full",
+        1,
+        True,
+        8,
+        80,
+        {"DDP": False, "ZeRO-3": False, "ZeRO-3+offload": True},
+        "ZeRO-3+offload",
+    ),
     # 70B full on 8 x 80 GB x 4 nodes (32 GPUs): ZeRO-3 puts ~40 GB of states on each.
     ("70b", "full", 1, True, 32, 80, {"ZeRO-2": False, "ZeRO-3": True}, "fits as is with ZeRO-3"),
 ]
@@ -112,7 +123,9 @@ def test_verdicts_case_table(
     r = r.model_copy(update={"model": r.model.model_copy(update={"gradient_checkpointing": ckpt})})
     plan = make_plan(r, configs[shape], gpus=gpus, gpu_memory_gb=gb)
     got = {row.launch.name: row.fits for row in plan.rows}
-    assert {name: got[name] for name in verdicts} == verdicts, [(r.launch.name, r.total / GB) for r in plan.rows]
+    assert {name: got[name] for name in verdicts} == verdicts, [
+        (r.launch.name, r.total / GB) for r in plan.rows
+    ]
     assert advice in plan.advice
 
 

@@ -115,7 +115,10 @@ def plan_rows(
     checkpointing = recipe.model.gradient_checkpointing
     # Without packing, padded rows give sdpa a boolean [batch, 1, len, len] mask (flash needs none).
     mask = 0
-    if not recipe.data.packing and recipe.model.attn_implementation not in ("flash_attention_2", "flash_attention_3"):
+    if not recipe.data.packing and recipe.model.attn_implementation not in (
+        "flash_attention_2",
+        "flash_attention_3",
+    ):
         mask = recipe.train.micro_batch_size * recipe.data.max_seq_len**2
     for launch in LAUNCHES:
         precision = precision_for(recipe, deepspeed=launch.zero_stage is not None)

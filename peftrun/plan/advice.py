@@ -36,7 +36,9 @@ def cheapest_fit(
         variant_census = census if variant.model.quantization == recipe.model.quantization else None
         if variant_census is None:
             variant_census = count_model(variant, model_config)
-        candidates = rows if not change else plan_rows(variant, variant_census, world, gpu_bytes, supervised_fraction)
+        candidates = (
+            rows if not change else plan_rows(variant, variant_census, world, gpu_bytes, supervised_fraction)
+        )
         for row in candidates:
             if row.fits and not row.launch.offload:
                 return _sentence(change, row, gpu_bytes)
@@ -79,7 +81,10 @@ def _variants(recipe: Recipe) -> Iterator[tuple[list[str], Recipe]]:
         current = _with(current, "model", quantization=QuantizationConfig(storage_dtype=current.model.dtype))
         yield list(changes), current
     for smaller in _halvings(micro):
-        yield [*changes, f"train.micro_batch_size={smaller}"], _with(current, "train", micro_batch_size=smaller)
+        yield (
+            [*changes, f"train.micro_batch_size={smaller}"],
+            _with(current, "train", micro_batch_size=smaller),
+        )
 
 
 def _halvings(micro: int) -> list[int]:

@@ -137,7 +137,7 @@ def _dim(config: Any, *names: str) -> int:
     return 0
 
 
-def _dimensions(config: Any) -> dict[str, int]:
+def _dimensions(config: Any) -> dict[str, Any]:
     text = getattr(config, "text_config", None) or config  # multimodal configs nest the decoder's
     hidden = _dim(text, "hidden_size", "d_model", "n_embd")
     heads = _dim(text, "num_attention_heads", "n_head") or 1
@@ -164,7 +164,7 @@ def _adapter_layout(model: Any, recipe: Recipe) -> dict[str, Any]:
         lora_a = getattr(module, "lora_A", None)
         if isinstance(lora_a, torch.nn.ModuleDict) and len(lora_a):
             targets.add(leaf)
-            rank = max(rank, *(m.out_features for m in lora_a.values()))
+            rank = max([rank, *(int(getattr(m, "out_features", 0)) for m in lora_a.values())])
         elif isinstance(module, torch.nn.Linear) and module.weight.requires_grad:
             trained.add(leaf)
     options = recipe.method.options

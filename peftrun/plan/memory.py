@@ -57,9 +57,7 @@ class States:
         return self.weights + self.gradients + self.optimizer + self.master + self.buffers
 
 
-def model_states(
-    c: Census, launch: Launch, world: int, optimizer: str, precision: Precision
-) -> States:
+def model_states(c: Census, launch: Launch, world: int, optimizer: str, precision: Precision) -> States:
     """Per-GPU bytes of weights, gradients and optimizer state (DeepSpeed's estimators, generalised)."""
     ds = launch.zero_stage is not None
     half = ds and precision.deepspeed_half

@@ -14,7 +14,11 @@ GB = 1024**3
 def plan_text(plan: Plan) -> str:
     c, r = plan.census, plan.recipe
     quant = r.model.quantization
-    base = f"{quant.bits}-bit {quant.quant_type if quant.bits == 4 else 'int8'} base" if quant else f"{r.model.dtype} base"
+    base = (
+        f"{quant.bits}-bit {quant.quant_type if quant.bits == 4 else 'int8'} base"
+        if quant
+        else f"{r.model.dtype} base"
+    )
     ckpt = "on" if r.model.gradient_checkpointing else "off"
     lines = [
         f"{plan.world} GPU(s) ({plan.nodes} node(s) x {plan.gpus}) of {plan.gpu_bytes / GB:.0f} GB",

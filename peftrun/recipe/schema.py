@@ -72,7 +72,6 @@ class ModelConfig(Section):
         "instead of its trained weights: the from-scratch baseline a fine-tune is compared with.",
     )
 
-
     @field_validator("attn_implementation")
     @classmethod
     def _known_attention(cls, value: str | None) -> str | None:
