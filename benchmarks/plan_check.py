@@ -29,6 +29,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -118,15 +119,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         models = build_models(Path(tmp))
         if args.states or both:
-            print_states(run_states(models, args), args)
+            print_states(run_states(models, args))
         if args.activations or both:
             print_activations(
-                [
-                    measure_activations(str(m), s, meth, args)
-                    for s, m in models.items()
-                    for meth in METHODS
-                    if keep(args, s, meth)
-                ]
+                measure_activations(str(m), s, meth, args)
+                for s, m in models.items()
+                for meth in METHODS
+                if keep(args, s, meth)
             )
     return 0
 
@@ -146,8 +145,7 @@ def _is_kind(name: str, only: list[str]) -> bool:
 # ---- model states: 2 CPU ranks --------------------------------------------------------------------------
 
 
-def run_states(models: dict[str, Path], args: argparse.Namespace) -> list[dict[str, Any]]:
-    rows = []
+def run_states(models: dict[str, Path], args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     for shape, model_dir in models.items():
         for method in METHODS:
             for backend, config in BACKENDS.items():
@@ -187,7 +185,7 @@ def run_states(models: dict[str, Path], args: argparse.Namespace) -> list[dict[s
                 done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
                 if done.returncode != 0:
                     lines = [ln for ln in done.stderr.splitlines() if "Error" in ln or "error" in ln]
-                    rows.append(
+                    yield (
                         {
                             "shape": shape,
                             "method": method,
@@ -199,7 +197,7 @@ def run_states(models: dict[str, Path], args: argparse.Namespace) -> list[dict[s
                 ranks = [json.loads(line) for line in out.read_text().splitlines()]
                 rank0 = min(ranks, key=lambda r: r["rank"])
                 recipe = recipe_for(str(model_dir), method, args.micro, args.seq, 2)
-                rows.append(
+                yield (
                     {
                         "shape": shape,
                         "method": method,
@@ -208,7 +206,6 @@ def run_states(models: dict[str, Path], args: argparse.Namespace) -> list[dict[s
                         "plan": planned_states(recipe, backend),
                     }
                 )
-    return rows
 
 
 def planned_states(recipe: Any, backend: str) -> dict[str, int]:
@@ -280,13 +277,16 @@ def states_worker(model_dir: str, method: str, out: Path, micro: int, seq: int) 
         accelerator.wait_for_everyone()
 
 
-def print_states(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+def print_states(rows: Iterable[dict[str, Any]]) -> None:
     print("\nModel states per rank (rank 0 of 2 CPU ranks, fp32, AdamW), MB: measured / planned (error)\n")
     print("| shape | method | backend | weights | gradients | optimizer+master | total | error |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     for row in rows:
         if "failed" in row:
-            print(f"| {row['shape']} | {row['method']} | {row['backend']} | failed: {row['failed']} ||||")
+            print(
+                f"| {row['shape']} | {row['method']} | {row['backend']} | failed: {row['failed']} ||||",
+                flush=True,
+            )
             continue
         plan = row["plan"]
         grads = row["grad_bytes"] * (2 if row["backend"] == "DDP" else 1)  # + DDP's invisible buckets
@@ -298,7 +298,8 @@ def print_states(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         ]
         error = (plan["total"] - measured["total"]) / measured["total"]
         print(
-            f"| {row['shape']} | {row['method']} | {row['backend']} | {' | '.join(cells)} | {100 * error:+.1f}% |"
+            f"| {row['shape']} | {row['method']} | {row['backend']} | {' | '.join(cells)} | {100 * error:+.1f}% |",
+            flush=True,
         )
 
 
@@ -416,7 +417,7 @@ def saved_bytes(forward: Any, model: Any) -> int:
     return total
 
 
-def print_activations(rows: list[dict[str, Any]]) -> None:
+def print_activations(rows: Iterable[dict[str, Any]]) -> None:
     print("\nActivations of one micro-batch, MB: measured / planned (error)\n")
     print("| shape | method | checkpointing | saved for backward | error | step peak (not states) | error |")
     print("|---|---|---|---:|---:|---:|---:|")
@@ -427,7 +428,8 @@ def print_activations(rows: list[dict[str, Any]]) -> None:
             e2 = (r["plan_peak"] - r["peak"]) / r["peak"]
             print(
                 f"| {row['shape']} | {row['method']} | {label} | {r['saved'] / MB:.2f} / {r['plan_saved'] / MB:.2f} | "
-                f"{100 * e1:+.1f}% | {r['peak'] / MB:.2f} / {r['plan_peak'] / MB:.2f} | {100 * e2:+.1f}% |"
+                f"{100 * e1:+.1f}% | {r['peak'] / MB:.2f} / {r['plan_peak'] / MB:.2f} | {100 * e2:+.1f}% |",
+                flush=True,
             )
 
 

@@ -112,27 +112,33 @@ def activations(
     precision: Precision,
     attention_mask_bytes: int = 0,
 ) -> Activations:
-    """Bytes of one micro-batch's activations (per GPU), for a Llama-shaped decoder."""
-    layer = layer_bytes_per_token(c, precision) * tokens
+    """Bytes of one micro-batch's activations (per GPU), for a Llama-shaped decoder.
+
+    A padding mask (attention_mask_bytes > 0) also sends transformers' sdpa path through repeat_kv:
+    keys and values are saved at the query heads' width.
+    """
+    layer = layer_bytes_per_token(c, precision, repeat_kv=attention_mask_bytes > 0) * tokens
     head = head_saved_per_token(c, precision) * head_tokens
     # Beside the saved fp32 log-probabilities (4V per token), backward holds three more [tokens, V] fp32
     # tensors: the loss gradient, exp(log-probs) inside log_softmax's backward, and its output.
     logits_transient = 12 * c.vocab * head_tokens
     layer_transient = 2 * precision.compute * max(c.intermediate, c.hidden) * tokens
-    transient = max(logits_transient, layer_transient)
     if checkpointing:  # each layer keeps its input; backward recomputes one layer at a time
         saved = c.layers * precision.residual * c.hidden * tokens + head
-        return Activations(saved, saved + layer + transient + attention_mask_bytes)
+        # The loss's backward runs before any recomputation; the log-probabilities are freed after it.
+        recompute = saved - 4 * c.vocab * head_tokens + layer + layer_transient
+        return Activations(saved, max(saved + logits_transient, recompute) + attention_mask_bytes)
     saved = c.layers * layer + head
-    return Activations(saved, saved + transient + attention_mask_bytes)
+    return Activations(saved, saved + max(logits_transient, layer_transient) + attention_mask_bytes)
 
 
-def layer_bytes_per_token(c: Census, p: Precision) -> int:
+def layer_bytes_per_token(c: Census, p: Precision, repeat_kv: bool = False) -> int:
     """What one decoder layer saves for backward, per token (Korthikanti et al. 2022, section 4.1,
     recounted for a pre-norm SwiGLU decoder with fused attention: no dropout, no score matrix)."""
     h, i, a = c.hidden, c.intermediate, p.compute
     norm = 4 * h + (p.residual * h if c.norms_train else 0)  # RMSNorm's fp32 input, its normalised x
-    attention = a * h + 2 * a * c.kv_dim + a * h + 4 * c.heads  # q, k, v after RoPE; output; logsumexp
+    kv = h if repeat_kv else c.kv_dim
+    attention = a * h + 2 * a * kv + a * h + 4 * c.heads  # q, k, v after RoPE; output; logsumexp
     mlp = 3 * a * i  # gate (SiLU's input), SiLU's output, up
     return (
         2 * norm
