@@ -110,6 +110,7 @@ def main() -> int:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--micro", type=int, default=2)
     parser.add_argument("--only", nargs="*", help="shape/method/backend names to keep")
+    parser.add_argument("--save", help="keep each states measurement here (a rerun reuses them)")
     parser.add_argument("--worker", nargs=3, metavar=("MODEL", "METHOD", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -151,49 +152,12 @@ def run_states(models: dict[str, Path], args: argparse.Namespace) -> Iterator[di
             for backend, config in BACKENDS.items():
                 if not keep(args, shape, method, backend):
                     continue
-                out = Path(tempfile.mkdtemp()) / "out.json"
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", 0))
-                    port = sock.getsockname()[1]
-                cmd = [
-                    str(Path(sys.executable).parent / "accelerate"),
-                    "launch",
-                    "--config_file",
-                    str(REPO / "accelerate_configs" / config),
-                    "--num_processes",
-                    "2",
-                    "--main_process_port",
-                    str(port),
-                    __file__,
-                    "--micro",
-                    str(args.micro),
-                    "--seq",
-                    str(args.seq),
-                    "--worker",
-                    str(model_dir),
-                    method,
-                    str(out),
-                ]
-                env = {
-                    **os.environ,
-                    "ACCELERATE_USE_CPU": "true",
-                    "OMP_NUM_THREADS": "1",
-                    "PYTHONWARNINGS": "ignore",
-                    "PYTHONPATH": str(REPO),
-                }
-                print(f"states: {shape} {method} {backend} ...", file=sys.stderr, flush=True)
-                done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
-                if done.returncode != 0:
-                    lines = [ln for ln in done.stderr.splitlines() if "Error" in ln or "error" in ln]
-                    yield (
-                        {
-                            "shape": shape,
-                            "method": method,
-                            "backend": backend,
-                            "failed": (lines or ["?"])[-1][:160],
-                        }
-                    )
-                    continue
+                out = Path(args.save or tempfile.mkdtemp()) / f"{shape}-{method}-{backend}.jsonl"
+                if not out.exists():
+                    failure = launch_states(model_dir, method, config, out, args)
+                    if failure:
+                        yield {"shape": shape, "method": method, "backend": backend, "failed": failure}
+                        continue
                 ranks = [json.loads(line) for line in out.read_text().splitlines()]
                 rank0 = min(ranks, key=lambda r: r["rank"])
                 recipe = recipe_for(str(model_dir), method, args.micro, args.seq, 2)
@@ -208,6 +172,48 @@ def run_states(models: dict[str, Path], args: argparse.Namespace) -> Iterator[di
                 )
 
 
+def launch_states(
+    model_dir: Path, method: str, config: str, out: Path, args: argparse.Namespace
+) -> str | None:
+    """Run the states worker on 2 CPU ranks under `config`; None, or the failure's last error line."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--config_file",
+        str(REPO / "accelerate_configs" / config),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(port),
+        __file__,
+        "--micro",
+        str(args.micro),
+        "--seq",
+        str(args.seq),
+        "--worker",
+        str(model_dir),
+        method,
+        str(out),
+    ]
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "true",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONWARNINGS": "ignore",
+        "PYTHONPATH": str(REPO),
+    }
+    print(f"states: {out.stem} ...", file=sys.stderr, flush=True)
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        out.unlink(missing_ok=True)
+        lines = [ln for ln in done.stderr.splitlines() if "Error" in ln or "error" in ln]
+        return (lines or ["?"])[-1][:160]
+    return None
+
+
 def planned_states(recipe: Any, backend: str) -> dict[str, int]:
     from peftrun.model import load_model_config
     from peftrun.plan import precision_for
@@ -218,11 +224,12 @@ def planned_states(recipe: Any, backend: str) -> dict[str, int]:
     census = count_model(recipe, load_model_config(recipe.model))
     precision = precision_for(recipe, deepspeed=launch.zero_stage is not None, device="cpu")
     s = model_states(census, launch, 2, recipe.train.optimizer, precision)
+    # Buffers (reduce bucket, ZeRO-3's gathered layer) live only inside a step: not in a count at rest.
     return {
         "weights": s.weights,
-        "gradients": s.gradients + s.buffers,
+        "gradients": s.gradients,
         "optimizer": s.optimizer + s.master,
-        "total": s.total,
+        "total": s.total - s.buffers,
     }
 
 

@@ -207,6 +207,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         # Strings as JSON (which is YAML): an unquoted 24:00:00 would be read as a number.
         flags = {key: getattr(args, key) for key, _ in SLURM_FLAGS.values() if getattr(args, key) is not None}
         args.overrides += [f"slurm.{key}={json.dumps(value)}" for key, value in flags.items()]
+    if args.command == "plan":
+        _check_plan_flags(args)
     recipe = load_recipe(args.recipe, args.overrides)
     if args.command == "slurm":
         return _slurm(recipe, args.dry_run)
@@ -227,12 +229,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     return 0 if result.stopped_by is None else 128 + 2  # like a shell's Ctrl-C status: the job did not finish
 
 
-def _plan(recipe: Recipe, args: argparse.Namespace) -> int:
+def _check_plan_flags(args: argparse.Namespace) -> None:
     for flag, value in (("--gpus", args.gpus), ("--nodes", args.nodes), ("--gpu-memory", args.gpu_memory)):
         if value <= 0:
             raise UserError(f"{flag}: must be positive, got {value:g}")
     if not 0 < args.supervised_fraction <= 1:
         raise UserError(f"--supervised-fraction: must be in (0, 1], got {args.supervised_fraction:g}")
+
+
+def _plan(recipe: Recipe, args: argparse.Namespace) -> int:
     from peftrun.plan import plan_recipe
     from peftrun.plan.render import plan_json, plan_text
 

@@ -70,7 +70,11 @@ def test_full_bf16_states_by_hand_and_against_deepspeeds_estimators(configs: dic
     _, zero3, _ = estimate_zero3_model_states_mem_needs(
         p, plan.census.largest_layer_params, num_gpus_per_node=8, cpu_offload=False
     )
-    assert rows["ZeRO-3"].total == pytest.approx(zero3, rel=0.05)
+    # ZeRO-3: 9% above DeepSpeed's 18/N, which leaves out the bf16 gradient partition kept beside the
+    # fp32 one (2/N); the gathered layer and persistent tensors are the same 4 x largest layer order.
+    assert rows["ZeRO-3"].total == pytest.approx(zero3, rel=0.1)
+    at_rest = 2 * p / 8 + 2 * p / 8 + 16 * p / 8 + 2 * plan.census.persistent_params
+    assert rows["ZeRO-3"].total - rows["ZeRO-3"].buffers == pytest.approx(at_rest, rel=1e-6)
 
 
 def test_qlora_weights_are_counted_as_stored(configs: dict[str, Any]) -> None:
@@ -151,7 +155,7 @@ def test_a_70b_config_plans_in_seconds(configs: dict[str, Any]) -> None:
     start = time.perf_counter()
     plan = make_plan(recipe("lora"), configs["70b"], gpus=8, gpu_memory_gb=80)
     assert time.perf_counter() - start < 30  # typically 2-5 s (shared CI cores)
-    assert plan.census.params == llama_params(SHAPES["70b"])
+    assert plan.census.params - plan.census.trainable == llama_params(SHAPES["70b"])  # + LoRA's own
 
 
 def test_plan_command_prints_a_table_and_json(write_recipe: Any) -> None:
@@ -165,7 +169,7 @@ def test_plan_command_prints_a_table_and_json(write_recipe: Any) -> None:
     assert "ZeRO-3+offload" in text.stdout and "fits as is with DDP" in text.stdout
     data = json.loads(peftrun("plan", path, "--gpus", "2", "--gpu-memory", "16", "--json").stdout)
     assert [row["launch"] for row in data["rows"]][:2] == ["DDP", "ZeRO-1"] and data["rows"][0]["fits"]
-    bad = peftrun("plan", path, "--gpus", "0", "--gpu-memory", "16")
+    bad = peftrun("plan", path, "--gpus", "0", "--gpu-memory", "16", timeout=600)
     assert bad.returncode == 2 and "--gpus: must be positive" in bad.stderr
 
 

@@ -49,7 +49,7 @@ class States:
     gradients: int
     optimizer: int  # Adam moments (or their 8-bit form)
     master: int  # fp32 master weights (DeepSpeed's partition of them)
-    buffers: int  # DeepSpeed's reduce bucket, ZeRO-3's gathered layer
+    buffers: int  # in flight during a step: DeepSpeed's reduce bucket, ZeRO-3's gathered layer
     host: int  # what offload puts in host RAM instead
 
     @property
@@ -65,29 +65,25 @@ def model_states(c: Census, launch: Launch, world: int, optimizer: str, precisio
     weights = quantized_bytes + (2 * c.float_params if half else c.weight_bytes_float)
     # Per trainable element: the bytes of its weight/gradient as the model holds them.
     grad_elem = 2.0 if half else c.trainable_bytes / max(c.trainable, 1)
-    grads = int(grad_elem * c.trainable)
     moments = _adam_moments(c, optimizer, 4.0 if ds else grad_elem)
     if not ds:  # DDP's reducer keeps a second, bucketed copy of every gradient (world > 1)
+        grads = int(grad_elem * c.trainable)
         return States(weights, grads * (2 if world > 1 else 1), moments, 0, 0, 0)
     shard = max(world, 1)
-    hidden_sq = c.hidden * c.hidden  # accelerate's "auto" reduce_bucket_size
-    bucket = int(grad_elem * hidden_sq)
+    bucket = int(grad_elem * c.hidden * c.hidden)  # accelerate's "auto" reduce_bucket_size, in flight
     master = 4 * c.trainable // shard  # DeepSpeed always updates an fp32 copy of its partition
-    fp32_grads = 4 * c.trainable // shard
-    if launch.zero_stage == 1:
-        gradients = grads + fp32_grads + bucket
-    else:
-        gradients = grads // shard + fp32_grads + bucket
+    # ZeRO-1 and -2 alike keep only the reduced partition of the gradients (measured: plan_check.py),
+    # in fp32 for the step, beside its bf16/fp16 form under mixed precision.
+    gradients = 4 * c.trainable // shard + (int(grad_elem * c.trainable) // shard if grad_elem < 4 else 0)
     moments //= shard
-    if launch.zero_stage == 3:
-        elem = weights / max(c.params, 1)
-        gathered = int(elem * c.largest_layer_params)  # the layer being computed, whole
-        persistent = int(elem * c.persistent_params)
-        weights = weights // shard + persistent + gathered
-        if launch.offload:  # only the layer in flight and the reduce bucket stay on the GPU
-            host = (weights - persistent - gathered) + gradients - bucket + master + moments
-            return States(persistent + gathered, bucket, 0, 0, 0, host)
-    return States(weights, gradients, moments, master, 0, 0)
+    if launch.zero_stage != 3:
+        return States(weights, gradients, moments, master, bucket, 0)
+    elem = weights / max(c.params, 1)
+    gathered = int(elem * c.largest_layer_params)  # the layer being computed, whole, in flight
+    persistent = int(elem * c.persistent_params)  # small tensors ZeRO-3 leaves whole on every rank
+    if launch.offload:  # only the layer in flight, the persistent tensors and the bucket stay on the GPU
+        return States(persistent, 0, 0, 0, gathered + bucket, weights // shard + gradients + master + moments)
+    return States(weights // shard + persistent, gradients, moments, master, gathered + bucket, 0)
 
 
 def _adam_moments(c: Census, optimizer: str, elem: float) -> int:
