@@ -137,8 +137,6 @@ def _not_applicable(recipe: Recipe, launch: Launch, world: int) -> str | None:
         return None
     if launch.offload:
         return "bitsandbytes' 4/8-bit weights cannot be offloaded by DeepSpeed"
-    if launch.zero_stage == 3 and quant.storage_dtype is None:
-        return "ZeRO-3 shards 4-bit weights only with model.quantization.storage_dtype set (e.g. bf16)"
     return None
 
 

@@ -83,7 +83,8 @@ def model_states(c: Census, launch: Launch, world: int, optimizer: str, precisio
     persistent = int(elem * c.persistent_params)  # small tensors ZeRO-3 leaves whole on every rank
     if launch.offload:  # only the layer in flight, the persistent tensors and the bucket stay on the GPU
         return States(persistent, 0, 0, 0, gathered + bucket, weights // shard + gradients + master + moments)
-    return States(weights // shard + persistent, gradients, moments, master, gathered + bucket, 0)
+    # ZeRO-3 keeps its reduce bucket allocated between steps (measured: plan_check.py).
+    return States(weights // shard + persistent, gradients + bucket, moments, master, gathered, 0)
 
 
 def _adam_moments(c: Census, optimizer: str, elem: float) -> int:
