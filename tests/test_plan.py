@@ -153,9 +153,9 @@ def test_activations_by_hand_for_one_layer(configs: dict[str, Any]) -> None:
 
 
 def test_a_70b_config_plans_in_seconds(configs: dict[str, Any]) -> None:
-    start = time.perf_counter()
+    start = time.process_time()  # CPU seconds: the wall clock of shared CI cores says little
     plan = make_plan(recipe("lora"), configs["70b"], gpus=8, gpu_memory_gb=80)
-    assert time.perf_counter() - start < 30  # typically 2-5 s (shared CI cores)
+    assert time.process_time() - start < 30  # ~8 s here, with the advice's QLoRA variant counted too
     assert plan.census.params - plan.census.trainable == llama_params(SHAPES["70b"])  # + LoRA's own
 
 
