@@ -13,7 +13,9 @@ in fresh subprocesses, alternating the sides (A B C A B C ...) so that the machi
 - peftrun, packing off: `peftrun train` on the same data, model and LoRA settings, same batches shape;
 - peftrun, packing on: the same with `data.packing=true` (rows of up to 512 tokens);
 - peftrun, packing on, `cpu.fused_lora=false`: peft's own LoRA layers, to measure that switch;
-- peftrun, packing on, `cpu.matmul=torch`: torch's default BLAS instead of oneDNN, the same.
+- peftrun, packing on, `cpu.matmul=torch`: torch's default BLAS instead of oneDNN, the same;
+- peftrun, packing on, `train.compile=true`: each decoder layer through torch.compile (its compile
+  time falls in the warm-up steps left out below; new row lengths may recompile once or twice).
 
 Figures per side: median over rounds of the non-padding tokens/s of the training loop (per-step
 figures from step 4 on, so start-up is left out), peak RSS of the process, and the final loss; then
@@ -50,8 +52,9 @@ REPO = Path(__file__).resolve().parents[1]
 PEFTRUN_SIDES: dict[str, tuple[bool, dict[str, Any]]] = {
     "peftrun": (False, {}),
     "peftrun_packed": (True, {}),
-    "peftrun_packed_peft_lora": (True, {"fused_lora": False}),
-    "peftrun_packed_torch_matmul": (True, {"matmul": "torch"}),
+    "peftrun_packed_peft_lora": (True, {"cpu": {"fused_lora": False}}),
+    "peftrun_packed_torch_matmul": (True, {"cpu": {"matmul": "torch"}}),
+    "peftrun_packed_compile": (True, {"train": {"compile": True}}),
 }
 SIDES = ("baseline", *PEFTRUN_SIDES)
 WARMUP_STEPS = 3  # per-step figures of these first steps are left out (allocations, lazy imports)
@@ -279,8 +282,9 @@ def run_peftrun(
             "lr": LR,
             "scheduler": "cosine",
             "warmup_steps": 0,
+            **switches.get("train", {}),
         },
-        "cpu": switches,
+        "cpu": switches.get("cpu", {}),
         "logging": {"every_steps": 1, "report_to": [], "progress_bar": False, "plot": False},
         "checkpoint": {"at_end": False},
     }

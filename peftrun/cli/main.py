@@ -16,7 +16,7 @@ from peftrun.recipe.docs import keys_text
 if TYPE_CHECKING:
     from peftrun.recipe.schema import Recipe
 
-SUBCOMMANDS = ("train", "validate", "slurm", "demo", "keys", "eval", "predict", "merge", "export")
+SUBCOMMANDS = ("train", "validate", "plan", "slurm", "demo", "keys", "eval", "predict", "merge", "export")
 # `peftrun slurm` flags: shorthands for slurm.* recipe keys (same validation, same messages).
 SLURM_FLAGS = {
     "--nodes": ("nodes", int),
@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument(
             "overrides", nargs="*", metavar="key=value", help="override recipe keys, e.g. train.lr=1e-4"
         )
+    _add_plan_command(sub)
     summary = (
         "write an sbatch script for a multi-node, preemption-safe run into output_dir/slurm and submit it"
     )
@@ -88,6 +89,25 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--markdown", action="store_true", help="print the whole reference as Markdown")
     _add_merge_commands(sub)
     return parser
+
+
+def _add_plan_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    summary = (
+        "memory per GPU under DDP/ZeRO-1/2/3/offload, whether it fits, and the cheapest change that does"
+    )
+    plan = sub.add_parser("plan", help=summary, description=summary + " (docs/plan.md)")
+    plan.add_argument("recipe", help="path to a recipe YAML")
+    plan.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe keys")
+    plan.add_argument("--gpus", type=int, required=True, help="GPUs per node")
+    plan.add_argument("--gpu-memory", type=float, required=True, metavar="GB", help="memory of one GPU (GiB)")
+    plan.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    plan.add_argument(
+        "--supervised-fraction",
+        type=float,
+        default=1.0,
+        help="share of tokens with a loss (the LM head runs on those only); default 1: every token",
+    )
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
 def _add_merge_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -187,9 +207,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         # Strings as JSON (which is YAML): an unquoted 24:00:00 would be read as a number.
         flags = {key: getattr(args, key) for key, _ in SLURM_FLAGS.values() if getattr(args, key) is not None}
         args.overrides += [f"slurm.{key}={json.dumps(value)}" for key, value in flags.items()]
+    if args.command == "plan":
+        _check_plan_flags(args)
     recipe = load_recipe(args.recipe, args.overrides)
     if args.command == "slurm":
         return _slurm(recipe, args.dry_run)
+    if args.command == "plan":
+        return _plan(recipe, args)
     if args.command == "validate":
         from peftrun.train.preflight import preflight
 
@@ -203,6 +227,23 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     result = train(recipe)
     return 0 if result.stopped_by is None else 128 + 2  # like a shell's Ctrl-C status: the job did not finish
+
+
+def _check_plan_flags(args: argparse.Namespace) -> None:
+    for flag, value in (("--gpus", args.gpus), ("--nodes", args.nodes), ("--gpu-memory", args.gpu_memory)):
+        if value <= 0:
+            raise UserError(f"{flag}: must be positive, got {value:g}")
+    if not 0 < args.supervised_fraction <= 1:
+        raise UserError(f"--supervised-fraction: must be in (0, 1], got {args.supervised_fraction:g}")
+
+
+def _plan(recipe: Recipe, args: argparse.Namespace) -> int:
+    from peftrun.plan import plan_recipe
+    from peftrun.plan.render import plan_json, plan_text
+
+    plan = plan_recipe(recipe, args.gpus, args.gpu_memory, args.nodes, args.supervised_fraction)
+    print(plan_json(plan) if args.json else f"{args.recipe}: {plan_text(plan)}")
+    return 0
 
 
 def _run_inference(args: argparse.Namespace) -> int:

@@ -179,13 +179,20 @@ def _load_weights(cfg: ModelConfig, model_class: Any, device_map: Any, labels: l
 def load_base(recipe: Recipe, device_map: Any = None) -> Any:
     """The recipe's base model, with the class names its data resolved to (classifiers).
 
-    Packed training gets attention that runs each sample of a row on its own (cpu/attention.py, on any
-    device) unless the recipe picked a kernel: with sdpa's generic path a packed row costs its full
-    length squared.
+    Its attention kernel is the one accel_select.choose_attention picks for the device (packing: a
+    variable-length kernel on CUDA, per-sample sdpa on CPU); Liger's kernels go in where asked.
     """
     model = load_model(recipe.model, recipe.task, device_map, labels=recipe.data.labels)
-    if recipe.data.packing and recipe.model.attn_implementation in (None, "sdpa"):
-        model.set_attn_implementation(register_packed_sdpa())
+    from peftrun.model.accel_select import apply_liger, choose_attention
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    attention = choose_attention(recipe, device).name
+    if attention == "peftrun_packed_sdpa":
+        attention = register_packed_sdpa()
+    if attention is not None and attention != recipe.model.attn_implementation:
+        model.set_attn_implementation(attention)
+    if recipe.train.liger:
+        apply_liger(model)
     return model
 
 
@@ -211,6 +218,10 @@ def make_trainable(model: Any, recipe: Recipe) -> Any:
     task = TASKS[recipe.task]
     model = apply_method(model, recipe.method, task.peft_task_type, task.head_modules)
     hold_frozen_norms_in_eval(model)
+    if recipe.train.compile:
+        from peftrun.model.accel_select import compile_layers
+
+        compile_layers(model)
     return model
 
 
@@ -229,12 +240,22 @@ def check_method_against_architecture(recipe: Recipe, model_config: Any) -> tupl
     rejects for this architecture, in well under a second even for a 70B config.
     Returns (trainable, total) parameter counts.
     """
+    model = meta_model(recipe, model_config)
+    return count_parameters(apply_method_checked(model, recipe))
+
+
+def meta_model(recipe: Recipe, model_config: Any, dtype: torch.dtype | None = None) -> Any:
+    """The recipe's base model on the meta device: its structure and shapes, no memory, no weights."""
     with torch.device("meta"):
-        model = (
+        return (
             TASKS[recipe.task]
             .model_class()
-            .from_config(model_config, trust_remote_code=recipe.model.trust_remote_code)
+            .from_config(model_config, trust_remote_code=recipe.model.trust_remote_code, dtype=dtype)
         )
+
+
+def apply_method_checked(model: Any, recipe: Recipe) -> Any:
+    """apply_method on a meta model, with each mismatch against the architecture said in one line."""
     module_names = [n for n, _ in model.named_modules() if n]
     for key in ("target_modules", "modules_to_save", "feedforward_modules", "exclude_modules"):
         value = recipe.method.options.get(key)
@@ -257,14 +278,15 @@ def check_method_against_architecture(recipe: Recipe, model_config: Any) -> tupl
         method = method.model_copy(update={"init_lora_weights": True})
     task = TASKS[recipe.task]
     try:
-        model = apply_method(model, method, task.peft_task_type, task.head_modules)
+        with torch.device("meta"):  # adapters too: a 70B model's LoRA weights would take seconds and GBs
+            model = apply_method(model, method, task.peft_task_type, task.head_modules)
     except OptionError as exc:
         raise UserError(f"method.{exc.key}: {exc.message}") from None
     except (ValueError, TypeError, KeyError, NotImplementedError) as exc:
         raise UserError(
             f"method: peft cannot apply '{recipe.method.kind}' to {type(model).__name__}: {_first_line(exc)}"
         ) from None
-    return count_parameters(model)
+    return model
 
 
 def _linear_leaf_names(model: Any) -> list[str]:

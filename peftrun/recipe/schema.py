@@ -73,8 +73,12 @@ class ModelConfig(Section):
     quantization: QuantizationConfig | None = Field(
         None, description="bitsandbytes quantization of the base."
     )
-    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
-        None, description="Attention kernel; default lets transformers choose (sdpa where available)."
+    attn_implementation: str | None = Field(
+        None,
+        description="Attention kernel: any name transformers registers (eager, sdpa, flex_attention, "
+        "flash_attention_2/3, ...) or a Hub kernel 'org/repo'. Default: transformers' choice; with packing, "
+        "flash-attn's variable-length kernel on CUDA where installed (else sdpa with a block mask), "
+        "per-sample sdpa on CPU.",
     )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward to save memory."
@@ -87,6 +91,13 @@ class ModelConfig(Section):
         description="Start from randomly initialised weights of the model's architecture (its config) "
         "instead of its trained weights: the from-scratch baseline a fine-tune is compared with.",
     )
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _known_attention(cls, value: str | None) -> str | None:
+        from peftrun.model.accel_select import check_attn_implementation
+
+        return value if value is None else check_attn_implementation(value)
 
 
 class MethodConfig(Section):
@@ -231,6 +242,15 @@ class TrainConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm (null: no clipping).")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field(
         "no", description="Autocast precision for compute."
+    )
+    liger: bool = Field(
+        False,
+        description="CUDA: Liger's Triton kernels (RMSNorm, RoPE, SwiGLU) in the model (needs liger-kernel).",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile each decoder layer (regional compilation); CPU and GPU. The first steps "
+        "compile (seconds to a minute); new sequence lengths may recompile once.",
     )
     seed: int = Field(0, description="Seeds weights init of adapters, dropout and data order.")
     resume: str | None = Field(

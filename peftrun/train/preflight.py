@@ -9,10 +9,13 @@ import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from peftrun.cpu.matmul import resolve as resolve_cpu_matmul
 from peftrun.data.sources import check_source
 from peftrun.dist.accelerator import grad_accum_steps, launcher_world_size
 from peftrun.errors import UserError
+from peftrun.model.accel_select import check_liger, check_packing_architecture
 from peftrun.model.load import check_method_against_architecture, load_model_config
 from peftrun.recipe.schema import Recipe
 from peftrun.train.checkpoint import resolve_resume
@@ -53,5 +56,8 @@ def preflight(recipe: Recipe) -> Preflight:
     world_size = launcher_world_size()
     accumulation = grad_accum_steps(recipe, world_size)
     model_config = load_model_config(recipe.model)
+    if recipe.data.packing:
+        check_packing_architecture(model_config)
+    check_liger(recipe, cuda=torch.cuda.is_available())
     trainable, total = check_method_against_architecture(recipe, model_config)
     return Preflight(model_config, trainable, total, accumulation, world_size)
