@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 # Bump whenever the tokens produced for the same inputs change, so old caches are not reused.
-PIPELINE_VERSION = "1"
+PIPELINE_VERSION = "2"  # 2: chat spans from one rendering
 # Rows tokenized per tokenizer call: big enough to amortise the call, small enough to stay lean.
 _BATCH_ROWS = 1000
 
@@ -237,7 +237,7 @@ def _read_local(path: str, cfg: DataConfig, key: str, columns: list[str]) -> dat
     """Check a local file (for errors naming the row), then read it; max_samples applies to data.path only."""
     max_rows = cfg.max_samples if key == "data.path" else None
     check_file(path, cfg, key, max_rows)
-    return read_rows(path, max_samples=max_rows, columns=columns, key=key)
+    return read_rows(path, max_samples=max_rows, columns=columns, key=key, as_json=cfg.format == "chat")
 
 
 def _source_ids(cfg: DataConfig, train_rows: datasets.Dataset | None) -> list[str]:
