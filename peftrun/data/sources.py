@@ -41,8 +41,8 @@ if TYPE_CHECKING:
 __all__ = [
     "FIELDS",
     "KNOWN_ROLES",
-    "SUPPORTED_SUFFIXES",
     "ROW_JSON",
+    "SUPPORTED_SUFFIXES",
     "RowProblem",
     "check_file",
     "check_source",

@@ -108,7 +108,7 @@ def chat_renderer(tokenizer: Any, template: str, tools: list[dict[str, Any]] | N
             # Annotated `-> str` upstream, but returns (renderings, generation indices).
             result: Any = render_jinja_template(
                 [messages],
-                tools=tools,
+                tools=list(tools) if tools else None,
                 chat_template=template,
                 add_generation_prompt=add_generation_prompt,
                 **special_tokens,
@@ -297,7 +297,9 @@ class SampleEncoder:
         fields = extract_fields(row, "chat", self.columns, recipe_tools=self.cfg.tools)
         return self.chat.render(Conversation(fields["messages"], fields["tools"]))
 
-    def _encode_chat(self, rows: Sequence[Mapping[str, Any]], first_row: int) -> tuple[list[Sample], TokenizeStats]:
+    def _encode_chat(
+        self, rows: Sequence[Mapping[str, Any]], first_row: int
+    ) -> tuple[list[Sample], TokenizeStats]:
         """Chat rows of a known template: each rendered once, then all tokenized in one call."""
         assert self.chat is not None
         stats = TokenizeStats(rows=len(rows))

@@ -12,6 +12,7 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import TYPE_CHECKING, Any
 
 from peftrun.data.chat.messages import Conversation, RowProblem
@@ -52,7 +53,7 @@ def render_template(
         # Annotated `-> str` upstream, but returns (renderings, generation indices).
         result: Any = render_jinja_template(
             [conversation.messages],
-            tools=conversation.tools,
+            tools=list(conversation.tools) if conversation.tools else None,
             chat_template=template,
             return_assistant_tokens_mask=tagged,
             **dict(tokenizer.special_tokens_map),
@@ -104,15 +105,24 @@ class ChatEncoder:
     def method(self) -> str:
         if self.tagged:
             return "the template's {% generation %} blocks"
-        return f"{self.markers.family} turn markers" if self.markers else "prefix renderings (unknown template)"
+        return (
+            f"{self.markers.family} turn markers" if self.markers else "prefix renderings (unknown template)"
+        )
 
     def prepare(self, conversation: Conversation) -> Conversation:
-        """Tool-call arguments as the template wants them (JSON text for templates that concatenate)."""
-        if self.markers is None or not self.markers.string_arguments:
-            return conversation
+        """Null contents and tool-call arguments as the template wants them.
+
+        Most templates concatenate or print a content without testing it for null (GLM would render
+        "None"), so a null content becomes ""; DeepSeek's tests `content is none`. Tool-call arguments
+        are objects, or JSON text for templates that concatenate them (DeepSeek).
+        """
+        keep_null = self.markers is not None and self.markers.null_content
+        as_text = self.markers is not None and self.markers.string_arguments
         messages = []
         for message in conversation.messages:
-            if "tool_calls" in message:
+            if message.get("content") is None and not keep_null:
+                message = {**message, "content": ""}
+            if "tool_calls" in message and as_text:
                 calls = [
                     {**c, "function": {**c["function"], "arguments": json.dumps(c["function"]["arguments"])}}
                     for c in message["tool_calls"]
@@ -127,17 +137,27 @@ class ChatEncoder:
         text, spans = render_template(self.template, self.tokenizer, conversation, tagged=self.tagged)
         rendered = Rendered(text, [s for s in spans if s[1] > s[0]])
         if self.markers is not None:
-            rendered.spans, left_open = find_spans(text, self.markers)
-            if left_open and self.markers.open_end:
+            rendered.spans, unended = find_spans(text, self.markers)
+            left_open = (
+                bool(unended)
+                and unended[-1] == len(rendered.spans) - 1
+                and rendered.spans[-1][1] == len(text)
+            )
+            if left_open and self.markers.open_end:  # close the last turn as the model does
                 rendered.text += self.markers.open_end
                 rendered.spans[-1] = (rendered.spans[-1][0], len(rendered.text))
-            elif left_open:
-                rendered.notes.append("the last assistant turn has no end-of-turn token (the template renders none)")
+                unended.pop()
+            for index in unended:
+                rendered.notes.append(
+                    f"assistant turn {index + 1}: no end-of-turn token (the template renders none)"
+                )
         self._check(conversation.messages, rendered)
         if self.train_on_last:
             rendered.spans = rendered.spans[-1:]
         if not self.train_on_reasoning:
-            rendered.spans = [s for s in map(lambda s: _without_reasoning(rendered.text, s), rendered.spans) if s]
+            rendered.spans = [
+                s for s in map(lambda s: _without_reasoning(rendered.text, s), rendered.spans) if s
+            ]
         return rendered
 
     def _check(self, messages: Sequence[dict[str, Any]], rendered: Rendered) -> None:
@@ -151,7 +171,9 @@ class ChatEncoder:
                 "in the template (data.chat_template may hold the Jinja)"
             )
         if len(spans) < len(answers):
-            rendered.notes.append(f"the template drops {len(answers) - len(spans)} of {len(answers)} assistant turns")
+            rendered.notes.append(
+                f"the template drops {len(answers) - len(spans)} of {len(answers)} assistant turns"
+            )
             return
         for number, (message, (start, end)) in enumerate(zip(answers, spans, strict=True), start=1):
             answer = _answer_text(message)
@@ -162,7 +184,10 @@ class ChatEncoder:
                 rendered.notes.append(f"assistant turn {number}: the template drops its reasoning_content")
             for call in message.get("tool_calls", []):
                 if call["function"]["name"] not in text[start:end]:
-                    rendered.notes.append(f"assistant turn {number}: the template drops its tool call")
+                    raise RowProblem(
+                        f"the chat template does not render tool calls: assistant turn {number}'s call of "
+                        f"{call['function']['name']!r} is not in its rendering"
+                    )
 
     def tokenize(self, renderings: Sequence[Rendered]) -> list[tuple[list[int], list[int]]]:
         """(input_ids, labels) per rendering, tokenized as one text each (one batched call)."""
@@ -173,7 +198,9 @@ class ChatEncoder:
             return [self._tokenize_pieces(r) for r in renderings]
         encoded = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         out = []
-        for rendered, ids, offsets in zip(renderings, encoded["input_ids"], encoded["offset_mapping"], strict=True):
+        for rendered, ids, offsets in zip(
+            renderings, encoded["input_ids"], encoded["offset_mapping"], strict=True
+        ):
             labels = [
                 token if self.train_on_prompt or _overlaps(offset, rendered.spans) else IGNORE_INDEX
                 for token, offset in zip(ids, offsets, strict=True)
@@ -186,7 +213,7 @@ class ChatEncoder:
         ids: list[int] = []
         labels: list[int] = []
         cuts = sorted({0, len(rendered.text), *(x for s in rendered.spans for x in s)})
-        for start, end in zip(cuts, cuts[1:], strict=False):
+        for start, end in pairwise(cuts):
             piece = self.tokenizer(rendered.text[start:end], add_special_tokens=False)["input_ids"]
             trained = self.train_on_prompt or _overlaps((start, end), rendered.spans)
             ids += piece

@@ -54,7 +54,11 @@ def _text_content(value: Any, where: str) -> str:
     for j, part in enumerate(value):
         if isinstance(part, str):
             texts.append(part)
-        elif isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
+        elif (
+            isinstance(part, dict)
+            and part.get("type", "text") == "text"
+            and isinstance(part.get("text"), str)
+        ):
             texts.append(part["text"])
         else:
             kind = part.get("type") if isinstance(part, dict) else _type_name(part)
@@ -94,7 +98,9 @@ def _message(message: Any, where: str) -> dict[str, Any]:
         raise RowProblem(f"{where} has unknown role {role!r} (known: {', '.join(ROLES)})")
     unknown = [k for k in message if k not in ("role", "content", *_PASSED_KEYS)]
     if unknown:
-        raise RowProblem(f"{where} has unknown key {unknown[0]!r} (known: role, content, {', '.join(_PASSED_KEYS)})")
+        raise RowProblem(
+            f"{where} has unknown key {unknown[0]!r} (known: role, content, {', '.join(_PASSED_KEYS)})"
+        )
     fixed: dict[str, Any] = {k: v for k, v in message.items() if v is not None}
     fixed["role"] = role
     content = message.get("content")
@@ -189,4 +195,6 @@ def conversation_of(
             f"'{columns['conversations']}' or '{columns['prompt']}' and '{columns['completion']}'"
         )
     tools = _tools(row.get(columns["tools"]), columns["tools"])
-    return Conversation(messages, tools if tools is not None else (list(recipe_tools) if recipe_tools else None))
+    return Conversation(
+        messages, tools if tools is not None else (list(recipe_tools) if recipe_tools else None)
+    )

@@ -31,6 +31,7 @@ class TurnMarkers:
     # by writing the next turn's header, which the template renders only when a turn follows).
     open_end: str | None = None
     string_arguments: bool = False  # the template concatenates tool-call arguments as JSON text
+    null_content: bool = False  # the template tests `content is none` (else a null content becomes "")
 
     def resolved(self, eos_token: str | None) -> TurnMarkers:
         """`{eos}` in ends replaced by the tokenizer's EOS text."""
@@ -104,6 +105,7 @@ FAMILIES: tuple[TurnMarkers, ...] = (
         ends=("<｜end▁of▁sentence｜>",),
         stops=("<｜User｜>", "<｜tool▁outputs▁begin｜>"),
         string_arguments=True,
+        null_content=True,
     ),
 )
 
@@ -122,21 +124,20 @@ def _first(text: str, needles: Sequence[str], start: int) -> tuple[int, str] | N
     return min(found, key=lambda hit: (hit[0], -len(hit[1]))) if found else None
 
 
-def find_spans(text: str, markers: TurnMarkers) -> tuple[list[Span], bool]:
-    """The trained spans of `text`, and whether the last one was left open (the text ends inside it)."""
+def find_spans(text: str, markers: TurnMarkers) -> tuple[list[Span], list[int]]:
+    """The trained spans of `text`, and the indices of those that end without an end-of-turn text."""
     spans: list[Span] = []
-    position, left_open = 0, False
+    unended: list[int] = []
+    position = 0
     closers = (*markers.ends, *markers.stops, *markers.opens)
     while (opened := _first(text, markers.opens, position)) is not None:
         start = opened[0] + len(opened[1])
         closed = _first(text, closers, start)
-        if closed is None:
-            end, left_open = len(text), True
-        elif closed[1] in markers.ends:
-            end = closed[0] + len(closed[1])
-        else:
-            end = closed[0]
+        ended = closed is not None and closed[1] in markers.ends
+        end = len(text) if closed is None else closed[0] + (len(closed[1]) if ended else 0)
         if text[start:end].strip():
+            if not ended:
+                unended.append(len(spans))
             spans.append((start, end))
         position = max(end, start)
-    return spans, left_open and bool(spans) and spans[-1][1] == len(text)
+    return spans, unended
