@@ -255,9 +255,13 @@ def _source_ids(cfg: DataConfig, train_rows: datasets.Dataset | None) -> list[st
 def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int, cache_dir: Path) -> TokenizedData:
     """Tokenized train (and eval) data for `cfg`, from the cache when nothing it depends on changed.
 
-    The tokenizer is not modified. Raises UserError for bad data, naming the file and the row.
+    The tokenizer is not modified, except that it adopts data.chat_template when the recipe sets one: the
+    run saves this tokenizer (final/, exports, merges), which must render chats as training did.
+    Raises UserError for bad data, naming the file and the row.
     """
     chat_template = resolve_chat_template(tokenizer, cfg.chat_template) if cfg.format == "chat" else None
+    if chat_template is not None and cfg.chat_template is not None:
+        tokenizer.chat_template = chat_template
     columns = list(dict.fromkeys(column_map(cfg.format, cfg.columns).values()))
     # A Hub dataset is loaded first (from the HF cache when downloaded): its fingerprint is its identity.
     hub_rows = (
