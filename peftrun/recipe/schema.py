@@ -149,7 +149,8 @@ class DataConfig(Section):
         "the Jinja itself; default: the tokenizer's own. The run's tokenizer (final/) carries it.",
     )
     train_on: Literal["all", "last"] = Field(
-        "all", description="chat: train on every assistant turn, or only on the last one of each conversation."
+        "all",
+        description="chat: train on every assistant turn, or only on the last one of each conversation.",
     )
     train_on_reasoning: bool = Field(
         True,

@@ -100,6 +100,25 @@ def test_train_on_last_and_without_reasoning(family: Family, tokenizers: dict[st
     assert ("</think>" in "".join(with_reasoning)) == (without != with_reasoning)
 
 
+def test_generation_tags_are_the_spans_when_the_template_has_them(tokenizers: dict[str, Any]) -> None:
+    """A template that marks the model's output itself is taken at its word, whatever its markers."""
+    tagged = (
+        "{% for m in messages %}{% if m.role == 'assistant' %}<|im_start|>assistant\n"
+        "{% generation %}{{ m.content }}<|im_end|>{% endgeneration %}\n"
+        "{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
+    )
+    tokenizer = tokenizers["qwen2_5"]
+    cfg = DataConfig(path="x.jsonl", format="chat")
+    encoder = SampleEncoder(tokenizer, cfg, "x.jsonl", tagged)
+    assert encoder.chat is not None and encoder.chat.method == "the template's {% generation %} blocks"
+    samples, _ = encoder.encode([CONVERSATIONS["three_turns"]])
+    assert trained_runs(tokenizer, samples[0].input_ids, samples[0].labels) == [
+        "Blue.<|im_end|>",
+        "Green.<|im_end|>",
+        "Red.<|im_end|>",
+    ]
+
+
 def regenerate() -> None:
     golden = {}
     for family, conversation in CASES:
