@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from peftrun.data.chat.encode import ChatEncoder
 from peftrun.data.rows import split_held_out
 from peftrun.data.sources import check_file, check_source, column_map, digest_file, is_hub_id, read_rows
 from peftrun.data.templates import resolve_chat_template
@@ -69,26 +70,39 @@ class DataReport:
     supervised_tokens: int  # train split: tokens with a label (the loss is computed on them)
     total_tokens: int  # train split: all tokens
     cache_hit: bool
+    template_warnings: int = 0  # chat rows with a template warning (`peftrun data` lists them)
+    chat_masks: str | None = None  # chat: where the trained spans come from
     packed_rows: int | None = None  # data.packing: training sequences the samples were packed into
     packed_capacity: int | None = None  # their maximum length (max_seq_len)
 
     def lines(self) -> list[str]:
         """Human-readable summary for the log."""
         share = 100 * self.supervised_tokens / self.total_tokens if self.total_tokens else 0.0
-        return [
-            f"data: {self.rows:,} rows -> {self.kept:,} samples ({self.train_samples:,} train, "
-            f"{self.eval_samples:,} eval)",
-            f"data: {self.truncated:,} truncated to max_seq_len, {self.dropped_overlong:,} dropped as over-long, "
-            f"{self.dropped_empty:,} dropped with nothing to learn",
-            f"data: {self.total_tokens:,} train tokens per epoch, {self.supervised_tokens:,} supervised ({share:.1f}%)",
-            f"data: tokenized data {'loaded from the cache' if self.cache_hit else 'tokenized and cached'}",
-        ] + (
+        return (
             [
-                f"data: packed {self.train_samples:,} train samples into {self.packed_rows:,} sequences of up to "
-                f"{self.packed_capacity:,} tokens ({100 * self.total_tokens / (self.packed_rows * self.packed_capacity):.1f}% full)"
+                f"data: {self.rows:,} rows -> {self.kept:,} samples ({self.train_samples:,} train, "
+                f"{self.eval_samples:,} eval)",
+                f"data: {self.truncated:,} truncated to max_seq_len, {self.dropped_overlong:,} dropped as over-long, "
+                f"{self.dropped_empty:,} dropped with nothing to learn",
+                f"data: {self.total_tokens:,} train tokens per epoch, {self.supervised_tokens:,} supervised ({share:.1f}%)",
+                f"data: tokenized data {'loaded from the cache' if self.cache_hit else 'tokenized and cached'}",
             ]
-            if self.packed_rows and self.packed_capacity
-            else []
+            + ([f"data: chat masks from {self.chat_masks}"] if self.chat_masks else [])
+            + (
+                [
+                    f"data: {self.template_warnings:,} rows with template warnings; `peftrun data RECIPE` shows them"
+                ]
+                if self.template_warnings
+                else []
+            )
+            + (
+                [
+                    f"data: packed {self.train_samples:,} train samples into {self.packed_rows:,} sequences of up to "
+                    f"{self.packed_capacity:,} tokens ({100 * self.total_tokens / (self.packed_rows * self.packed_capacity):.1f}% full)"
+                ]
+                if self.packed_rows and self.packed_capacity
+                else []
+            )
         )
 
 
@@ -287,6 +301,8 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int, cache_dir: Path) ->
         stats += eval_stats
 
     data = _assemble(cfg, samples, eval_samples, stats)
+    if cfg.format == "chat" and chat_template is not None:
+        data.report.chat_masks = ChatEncoder(tokenizer, chat_template, cfg).method
     _save_cached(entry, data)
     return data
 
@@ -299,6 +315,7 @@ def _assemble(
         rows=stats.rows,
         kept=stats.kept,
         truncated=stats.truncated,
+        template_warnings=stats.template_warnings,
         dropped_overlong=stats.dropped_overlong,
         dropped_empty=stats.dropped_empty,
         train_samples=len(train),

@@ -141,6 +141,9 @@ class TokenizeStats:
     dropped_empty: int = 0
     supervised_tokens: int = 0
     total_tokens: int = 0
+    template_warnings: int = (
+        0  # chat rows the doctor has a warning for (a dropped turn, no end-of-turn token)
+    )
 
     def __iadd__(self, other: TokenizeStats) -> TokenizeStats:
         for field in fields(self):
@@ -314,6 +317,7 @@ class SampleEncoder:
             else:
                 stats.dropped_empty += 1
         tokens = self.chat.tokenize([rendered for _, rendered in numbered])
+        stats.template_warnings = sum(bool(rendered.notes) for _, rendered in numbered)
         encoded = [(number, ids, labels) for (number, _), (ids, labels) in zip(numbered, tokens, strict=True)]
         return self._keep(encoded, stats), stats
 

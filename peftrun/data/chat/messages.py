@@ -96,7 +96,8 @@ def _message(message: Any, where: str) -> dict[str, Any]:
     role = message.get("role")
     if role not in ROLES:
         raise RowProblem(f"{where} has unknown role {role!r} (known: {', '.join(ROLES)})")
-    unknown = [k for k in message if k not in ("role", "content", *_PASSED_KEYS)]
+    # Null keys are what Arrow gives a message for its neighbours' keys (Hub datasets): not the row's own.
+    unknown = [k for k, v in message.items() if v is not None and k not in ("role", "content", *_PASSED_KEYS)]
     if unknown:
         raise RowProblem(
             f"{where} has unknown key {unknown[0]!r} (known: role, content, {', '.join(_PASSED_KEYS)})"
