@@ -164,6 +164,14 @@ class ChatEncoder:
         """The spans against the assistant messages: each answer in its span, no span that is not one."""
         answers = [m for m in messages if m["role"] == "assistant"]
         text, spans = rendered.text, rendered.spans
+        for message in messages:  # Mistral renders the system prompt only before a last user turn
+            content = message.get("content")
+            if message["role"] == "assistant" or not isinstance(content, str):
+                continue
+            if (
+                content.strip() not in text and json.dumps(content) not in text
+            ):  # Llama 3.1 JSON-quotes tool output
+                rendered.notes.append(f"the template drops the {message['role']} message")
         if len(spans) > len(answers):
             raise RowProblem(
                 f"the template renders {len(spans)} assistant turns where the row has {len(answers)}, so the "
