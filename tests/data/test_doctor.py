@@ -9,11 +9,16 @@ from typing import Any
 import pytest
 
 from peftrun.cli import main
-from tests.data.chat.corpus import CONVERSATIONS, FAMILIES, build_tokenizer
+from peftrun.data.doctor import run_doctor
+from peftrun.model import load_tokenizer
+from peftrun.recipe.load import load_recipe
+from tests.data.chat.corpus import CONVERSATIONS, build_tokenizer
+from tests.data.chat.corpus import FAMILIES as CHAT_FAMILIES
+from tests.test_recipes import FAMILIES, RECIPES, REPO, family_of
 
 
 def _recipe(tmp_path: Path, family: str, rows: list[dict[str, Any]], **data: Any) -> Path:
-    tokenizer = build_tokenizer(next(f for f in FAMILIES if f.name == family))
+    tokenizer = build_tokenizer(next(f for f in CHAT_FAMILIES if f.name == family))
     tokenizer.save_pretrained(str(tmp_path / "tok"))
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -59,3 +64,20 @@ def test_a_template_that_cannot_render_a_row_names_the_file_and_row(
         f"peftrun: error: {tmp_path / 'train.jsonl'}: row 2: the chat template cannot render this conversation: "
         "System role not supported\n"
     )
+
+
+CAUSAL_RECIPES = [p for p in RECIPES if load_recipe(p).task == "causal_lm"]
+
+
+@pytest.mark.parametrize("path", CAUSAL_RECIPES, ids=[p.stem for p in CAUSAL_RECIPES])
+def test_data_doctor_on_every_shipped_recipe(
+    path: Path, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's recipes, with a tiny model of their family's tokenizer: every sample renders."""
+    monkeypatch.chdir(REPO)
+    fixture, _ = FAMILIES[family_of(load_recipe(path).model.name_or_path)]
+    recipe = load_recipe(path, [f"model.name_or_path={request.getfixturevalue(fixture)}"])
+    lines = run_doctor(recipe, load_tokenizer(recipe.model), 1, tmp_path / "lengths.png", color=False)
+    assert lines[0].startswith(f"data: {recipe.data.path}: ")
+    assert any(line.startswith("tokens: ") for line in lines)
+    assert (tmp_path / "lengths.png").is_file()
