@@ -165,6 +165,8 @@ class SampleEncoder:
     """Turns rows of one source into training samples, for one tokenizer and one `data` config.
 
     `source` names the file in errors; `chat_template` is the resolved Jinja template (chat format only).
+    Chat rows of a known template (its family's turn markers, or {% generation %} tags) go through
+    `ChatEncoder`: rendered once, tokenized once; others through the prefix segments below.
     """
 
     def __init__(
