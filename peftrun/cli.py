@@ -218,13 +218,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "data":
         return _data(recipe, args)
     if args.command == "validate":
-        from peftrun.data.doctor import first_row_line
+        from peftrun.data.doctor import validate_lines
         from peftrun.preflight import preflight
 
         checks = preflight(recipe)
-        rendered = first_row_line(recipe)
+        rendered = validate_lines(recipe)
         print(recipe_to_yaml(recipe), end="")
-        for line in [*checks.lines(), *([rendered] if rendered else [])]:
+        for line in [*checks.lines(), *rendered]:
             print(f"# {line}")
         print(f"# {args.recipe}: OK")
         return 0

@@ -3,7 +3,7 @@
 Renders rows with the recipe's template and shows which tokens are trained (colour in a terminal,
 [[markers]] otherwise), the length statistics of all samples, a length histogram, and warnings: an
 end-of-turn token not trained, a turn or content the template drops, a doubled BOS, rows truncated or
-dropped and why. `peftrun validate` runs `first_row_line` so template failures surface there.
+dropped and why. `peftrun validate` runs `validate_lines` so template failures surface there.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from peftrun.data.sources import column_map, read_rows
+from peftrun.data.sources import RowProblem, column_map, read_rows
 from peftrun.data.templates import resolve_chat_template
 from peftrun.data.tokenize import IGNORE_INDEX, Sample, SampleEncoder, TokenizeStats, supervised_count
 from peftrun.errors import UserError
@@ -23,9 +23,10 @@ from peftrun.errors import UserError
 if TYPE_CHECKING:
     from peftrun.recipe.schema import Recipe
 
-__all__ = ["DataDoctor", "first_row_line", "run_doctor"]
+__all__ = ["DataDoctor", "run_doctor", "validate_lines"]
 
 CAUSAL_FORMATS = ("alpaca", "chat", "text")
+VALIDATE_RENDER_ROWS = 10_000  # validate renders this many chat rows (a few ms per thousand)
 _GREEN, _DIM, _RESET = "\033[1;32m", "\033[2m", "\033[0m"
 
 
@@ -167,24 +168,39 @@ def run_doctor(recipe: Recipe, tokenizer: Any, show: int, png: Path, color: bool
     return lines
 
 
-def first_row_line(recipe: Recipe) -> str | None:
-    """One line for `validate`: the first row rendered and masked (template failures surface here)."""
+def validate_lines(recipe: Recipe, render_rows: int = VALIDATE_RENDER_ROWS) -> list[str]:
+    """Lines for `validate`: the first `render_rows` chat rows rendered with the template (a row it
+    cannot render is a UserError naming it), and row 1 rendered, masked and tokenized."""
     if recipe.task != "causal_lm" or recipe.data.format not in CAUSAL_FORMATS:
-        return None
+        return []
     from peftrun.model import load_tokenizer
 
-    tokenizer = load_tokenizer(recipe.model)
-    doctor = DataDoctor(
-        recipe.model_copy(update={"data": recipe.data.model_copy(update={"max_samples": 1})}), tokenizer
+    limited = recipe.data.model_copy(
+        update={"max_samples": min(recipe.data.max_samples or render_rows, render_rows)}
     )
-    (samples, stats), notes = next(doctor.samples()), doctor.notes(0)
+    doctor = DataDoctor(recipe.model_copy(update={"data": limited}), load_tokenizer(recipe.model))
+    lines = []
+    if doctor.encoder.chat is not None:
+        for index in range(len(doctor.rows)):
+            try:
+                if doctor.encoder.chat.known:
+                    doctor.encoder.render_chat(doctor.row(index))
+                else:
+                    doctor.encoder.segments(doctor.row(index))
+            except RowProblem as exc:
+                raise UserError(f"{recipe.data.path}: row {index + 1}: {exc}") from None
+        lines.append(
+            f"data: {len(doctor.rows):,} rows rendered with the chat template (masks from {doctor.method()})"
+        )
+    (samples, stats), notes = doctor.encoder.encode([doctor.row(0)]), doctor.notes(0)
     if stats.dropped_overlong:
-        return f"data: row 1 is dropped: longer than data.max_seq_len={recipe.data.max_seq_len}"
+        return [*lines, f"data: row 1 is dropped: longer than data.max_seq_len={recipe.data.max_seq_len}"]
     if not samples:
-        return "data: row 1 has nothing to train on"
+        return [*lines, "data: row 1 has nothing to train on"]
     sample = samples[0]
     extra = f"; {'; '.join(notes)}" if notes else ""
-    return (
-        f"data: row 1 renders to {len(sample.input_ids)} tokens, {supervised_count(sample.labels)} trained "
-        f"(masks from {doctor.method()}){extra}; `peftrun data` shows them"
-    )
+    return [
+        *lines,
+        f"data: row 1 is {len(sample.input_ids)} tokens, {supervised_count(sample.labels)} trained{extra}; "
+        "`peftrun data RECIPE` shows them",
+    ]

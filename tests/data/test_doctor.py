@@ -10,6 +10,7 @@ import pytest
 
 from peftrun.cli import main
 from peftrun.data.doctor import run_doctor
+from peftrun.errors import UserError
 from peftrun.model import load_tokenizer
 from peftrun.recipe.load import load_recipe
 from tests.data.chat.corpus import CONVERSATIONS, build_tokenizer
@@ -81,3 +82,22 @@ def test_data_doctor_on_every_shipped_recipe(
     assert lines[0].startswith(f"data: {recipe.data.path}: ")
     assert any(line.startswith("tokens: ") for line in lines)
     assert (tmp_path / "lengths.png").is_file()
+
+
+def test_validate_renders_the_rows_with_the_template(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A row the template cannot render fails `validate`, not training; row 1 is shown masked."""
+    from peftrun.data.doctor import validate_lines
+
+    recipe = _recipe(tmp_path, "gemma2", [CONVERSATIONS["single"], CONVERSATIONS["three_turns"]])
+    lines = validate_lines(load_recipe(recipe))
+    assert lines == [
+        "data: 2 rows rendered with the chat template (masks from gemma turn markers)",
+        "data: row 1 is 60 tokens, 22 trained; `peftrun data RECIPE` shows them",
+    ]
+    bad = _recipe(tmp_path, "gemma2", [CONVERSATIONS["single"], CONVERSATIONS["system"]])
+    with pytest.raises(
+        UserError, match=r"train.jsonl: row 2: the chat template cannot render this conversation: System role"
+    ):
+        validate_lines(load_recipe(bad))
