@@ -155,9 +155,8 @@ class ChatEncoder:
         if self.train_on_last:
             rendered.spans = rendered.spans[-1:]
         if not self.train_on_reasoning:
-            rendered.spans = [
-                s for s in map(lambda s: _without_reasoning(rendered.text, s), rendered.spans) if s
-            ]
+            cut = [_without_reasoning(rendered.text, span) for span in rendered.spans]
+            rendered.spans = [span for span in cut if span is not None]
         return rendered
 
     def _check(self, messages: Sequence[dict[str, Any]], rendered: Rendered) -> None:
@@ -168,9 +167,8 @@ class ChatEncoder:
             content = message.get("content")
             if message["role"] == "assistant" or not isinstance(content, str):
                 continue
-            if (
-                content.strip() not in text and json.dumps(content) not in text
-            ):  # Llama 3.1 JSON-quotes tool output
+            # Llama 3.1 renders a tool's output JSON-quoted.
+            if content.strip() not in text and json.dumps(content) not in text:
                 rendered.notes.append(f"the template drops the {message['role']} message")
         if len(spans) > len(answers):
             raise RowProblem(
