@@ -16,7 +16,19 @@ from peftrun.recipe.docs import keys_text
 if TYPE_CHECKING:
     from peftrun.recipe.schema import Recipe
 
-SUBCOMMANDS = ("train", "validate", "plan", "slurm", "demo", "keys", "eval", "predict", "merge", "export")
+SUBCOMMANDS = (
+    "train",
+    "validate",
+    "data",
+    "plan",
+    "slurm",
+    "demo",
+    "keys",
+    "eval",
+    "predict",
+    "merge",
+    "export",
+)
 # `peftrun slurm` flags: shorthands for slurm.* recipe keys (same validation, same messages).
 SLURM_FLAGS = {
     "--nodes": ("nodes", int),
@@ -83,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("run_dir", help="the run's output_dir")
     predict.add_argument("--data", required=True, help="data file in the run's format (labels not needed)")
     predict.add_argument("--out", required=True, help="where to write the predictions (.jsonl)")
+    _add_data_command(sub)
     keys = sub.add_parser("keys", help="list every recipe key with its default and description")
     keys.add_argument("section", nargs="?", help="only keys starting with this (e.g. train)")
     keys.add_argument("--kind", help="with section 'method': list the options of this adapter (e.g. lora)")
@@ -108,6 +121,30 @@ def _add_plan_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="share of tokens with a loss (the LM head runs on those only); default 1: every token",
     )
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def _add_data_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    summary = (
+        "show the training samples as the model sees them: trained tokens marked, lengths, a length "
+        "histogram, and warnings (end-of-turn not trained, turns the template drops, truncation)"
+    )
+    data = sub.add_parser("data", help=summary, description=summary)
+    data.add_argument("recipe", help="path to a recipe YAML")
+    data.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe keys")
+    data.add_argument("--rows", type=int, default=3, help="rows to show token by token (default 3)")
+    data.add_argument("--png", type=Path, help="length histogram (default: output_dir/data_lengths.png)")
+    data.add_argument("--color", choices=("auto", "always", "never"), default="auto", help="mark with colour")
+
+
+def _data(recipe: Recipe, args: argparse.Namespace) -> int:
+    from peftrun.data.doctor import run_doctor
+    from peftrun.model.load import load_tokenizer
+
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    png = args.png or Path(recipe.output_dir) / "data_lengths.png"
+    for line in run_doctor(recipe, load_tokenizer(recipe.model), args.rows, png, color):
+        print(line)
+    return 0
 
 
 def _add_merge_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -214,12 +251,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _slurm(recipe, args.dry_run)
     if args.command == "plan":
         return _plan(recipe, args)
+    if args.command == "data":
+        return _data(recipe, args)
     if args.command == "validate":
+        from peftrun.data.doctor import validate_lines
         from peftrun.train.preflight import preflight
 
         checks = preflight(recipe)
+        rendered = validate_lines(recipe)
         print(recipe_to_yaml(recipe), end="")
-        for line in checks.lines():
+        for line in [*checks.lines(), *rendered]:
             print(f"# {line}")
         print(f"# {args.recipe}: OK")
         return 0

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from peftrun.data.chat.encode import ChatEncoder
 from peftrun.data.rows import split_held_out
 from peftrun.data.sources import check_file, check_source, column_map, digest_file, is_hub_id, read_rows
 from peftrun.data.templates import resolve_chat_template
@@ -52,7 +53,7 @@ __all__ = [
 ]
 
 # Bump whenever the tokens produced for the same inputs change, so old caches are not reused.
-PIPELINE_VERSION = "1"
+PIPELINE_VERSION = "2"  # 2: chat spans from one rendering
 # Rows tokenized per tokenizer call: big enough to amortise the call, small enough to stay lean.
 _BATCH_ROWS = 1000
 
@@ -69,26 +70,39 @@ class DataReport:
     supervised_tokens: int  # train split: tokens with a label (the loss is computed on them)
     total_tokens: int  # train split: all tokens
     cache_hit: bool
+    template_warnings: int = 0  # chat rows with a template warning (`peftrun data` lists them)
+    chat_masks: str | None = None  # chat: where the trained spans come from
     packed_rows: int | None = None  # data.packing: training sequences the samples were packed into
     packed_capacity: int | None = None  # their maximum length (max_seq_len)
 
     def lines(self) -> list[str]:
         """Human-readable summary for the log."""
         share = 100 * self.supervised_tokens / self.total_tokens if self.total_tokens else 0.0
-        return [
-            f"data: {self.rows:,} rows -> {self.kept:,} samples ({self.train_samples:,} train, "
-            f"{self.eval_samples:,} eval)",
-            f"data: {self.truncated:,} truncated to max_seq_len, {self.dropped_overlong:,} dropped as over-long, "
-            f"{self.dropped_empty:,} dropped with nothing to learn",
-            f"data: {self.total_tokens:,} train tokens per epoch, {self.supervised_tokens:,} supervised ({share:.1f}%)",
-            f"data: tokenized data {'loaded from the cache' if self.cache_hit else 'tokenized and cached'}",
-        ] + (
+        return (
             [
-                f"data: packed {self.train_samples:,} train samples into {self.packed_rows:,} sequences of up to "
-                f"{self.packed_capacity:,} tokens ({100 * self.total_tokens / (self.packed_rows * self.packed_capacity):.1f}% full)"
+                f"data: {self.rows:,} rows -> {self.kept:,} samples ({self.train_samples:,} train, "
+                f"{self.eval_samples:,} eval)",
+                f"data: {self.truncated:,} truncated to max_seq_len, {self.dropped_overlong:,} dropped as over-long, "
+                f"{self.dropped_empty:,} dropped with nothing to learn",
+                f"data: {self.total_tokens:,} train tokens per epoch, {self.supervised_tokens:,} supervised ({share:.1f}%)",
+                f"data: tokenized data {'loaded from the cache' if self.cache_hit else 'tokenized and cached'}",
             ]
-            if self.packed_rows and self.packed_capacity
-            else []
+            + ([f"data: chat masks from {self.chat_masks}"] if self.chat_masks else [])
+            + (
+                [
+                    f"data: {self.template_warnings:,} rows with template warnings; `peftrun data RECIPE` shows them"
+                ]
+                if self.template_warnings
+                else []
+            )
+            + (
+                [
+                    f"data: packed {self.train_samples:,} train samples into {self.packed_rows:,} sequences of up to "
+                    f"{self.packed_capacity:,} tokens ({100 * self.total_tokens / (self.packed_rows * self.packed_capacity):.1f}% full)"
+                ]
+                if self.packed_rows and self.packed_capacity
+                else []
+            )
         )
 
 
@@ -237,7 +251,7 @@ def _read_local(path: str, cfg: DataConfig, key: str, columns: list[str]) -> dat
     """Check a local file (for errors naming the row), then read it; max_samples applies to data.path only."""
     max_rows = cfg.max_samples if key == "data.path" else None
     check_file(path, cfg, key, max_rows)
-    return read_rows(path, max_samples=max_rows, columns=columns, key=key)
+    return read_rows(path, max_samples=max_rows, columns=columns, key=key, as_json=cfg.format == "chat")
 
 
 def _source_ids(cfg: DataConfig, train_rows: datasets.Dataset | None) -> list[str]:
@@ -255,9 +269,13 @@ def _source_ids(cfg: DataConfig, train_rows: datasets.Dataset | None) -> list[st
 def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int, cache_dir: Path) -> TokenizedData:
     """Tokenized train (and eval) data for `cfg`, from the cache when nothing it depends on changed.
 
-    The tokenizer is not modified. Raises UserError for bad data, naming the file and the row.
+    The tokenizer is not modified, except that it adopts data.chat_template when the recipe sets one: the
+    run saves this tokenizer (final/, exports, merges), which must render chats as training did.
+    Raises UserError for bad data, naming the file and the row.
     """
     chat_template = resolve_chat_template(tokenizer, cfg.chat_template) if cfg.format == "chat" else None
+    if chat_template is not None and cfg.chat_template is not None:
+        tokenizer.chat_template = chat_template
     columns = list(dict.fromkeys(column_map(cfg.format, cfg.columns).values()))
     # A Hub dataset is loaded first (from the HF cache when downloaded): its fingerprint is its identity.
     hub_rows = (
@@ -283,6 +301,8 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int, cache_dir: Path) ->
         stats += eval_stats
 
     data = _assemble(cfg, samples, eval_samples, stats)
+    if cfg.format == "chat" and chat_template is not None:
+        data.report.chat_masks = ChatEncoder(tokenizer, chat_template, cfg).method
     _save_cached(entry, data)
     return data
 
@@ -295,6 +315,7 @@ def _assemble(
         rows=stats.rows,
         kept=stats.kept,
         truncated=stats.truncated,
+        template_warnings=stats.template_warnings,
         dropped_overlong=stats.dropped_overlong,
         dropped_empty=stats.dropped_empty,
         train_samples=len(train),

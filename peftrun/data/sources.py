@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FIELDS",
     "KNOWN_ROLES",
+    "ROW_JSON",
     "SUPPORTED_SUFFIXES",
     "RowProblem",
     "check_file",
@@ -69,14 +70,17 @@ _HUB_CHECK_ROWS = 200
 # peftrun's column names per format; all are required but `input` (and `label` where nothing is trained).
 FIELDS = {
     "alpaca": ("instruction", "input", "output"),
-    "chat": ("messages",),
+    "chat": ("messages", "conversations", "prompt", "completion", "tools"),
     "text": ("text",),
     "classification": ("text", "label"),
     "images": ("image", "label"),
 }
 _OPTIONAL = {"input"}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-KNOWN_ROLES = ("system", "user", "assistant")
+KNOWN_ROLES = ("system", "user", "assistant", "tool")
+# Chat rows travel as JSON text in this one column: Arrow would give every message the union of all
+# messages' keys (a null `tool_calls` on each, null arguments that no call had) and refuses mixed types.
+ROW_JSON = "_row_json"
 
 
 class RowProblem(ValueError):
@@ -326,38 +330,27 @@ def _string(row: Mapping[str, Any], name: str, file_column: str, optional: froze
     return value
 
 
-def _messages(value: Any, file_column: str) -> list[dict[str, str]]:
-    if not isinstance(value, list) or not value:
-        got = "an empty list" if value == [] else _type_name(value)
-        raise RowProblem(f"'{file_column}' must be a non-empty list of {{role, content}}, got {got}")
-    messages = []
-    for i, message in enumerate(value):
-        where = f"{file_column}[{i}]"
-        if not isinstance(message, dict):
-            raise RowProblem(f"{where} must be an object with role and content, got {_type_name(message)}")
-        role, content = message.get("role"), message.get("content")
-        if role not in KNOWN_ROLES:
-            raise RowProblem(f"{where} has unknown role {role!r} (known: {', '.join(KNOWN_ROLES)})")
-        if not isinstance(content, str):
-            raise RowProblem(f"{where}.content must be a string, got {_type_name(content)}")
-        messages.append({"role": role, "content": content})
-    return messages
-
-
 def extract_fields(
-    row: Mapping[str, Any], fmt: str, columns: Mapping[str, str], labelled: bool = True
+    row: Mapping[str, Any],
+    fmt: str,
+    columns: Mapping[str, str],
+    labelled: bool = True,
+    recipe_tools: Sequence[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The row's values under peftrun's names, checked: strings for alpaca/text/classification/images
-    (a label may be an integer), messages for chat.
+    (a label may be an integer), messages and tools for chat (see peftrun.data.chat.messages;
+    `recipe_tools` are data.tools, for rows without their own).
 
     `columns` is `column_map(...)`. Raises RowProblem; an absent or null `input` reads as "", and so
     does an absent `label` when `labelled` is False (rows to predict).
     """
     if fmt == "chat":
-        file_column = columns["messages"]
-        if file_column not in row:
-            raise _missing("messages", file_column, row)
-        return {"messages": _messages(row[file_column], file_column)}
+        from peftrun.data.chat.messages import conversation_of
+
+        if ROW_JSON in row:
+            row = json.loads(row[ROW_JSON])
+        conversation = conversation_of(row, columns, recipe_tools)
+        return {"messages": conversation.messages, "tools": conversation.tools}
     optional = frozenset(_OPTIONAL if labelled else {*_OPTIONAL, "label"})
     fields = {name: _string(row, name, columns[name], optional) for name in FIELDS[fmt]}
     if fmt == "classification" and not fields["text"].strip():
@@ -377,7 +370,7 @@ def _check_rows(path: str, records: Iterator[tuple[int | None, Mapping[str, Any]
     count = 0
     for count, (line_no, record) in enumerate(records, start=1):
         try:
-            fields = extract_fields(record, cfg.format, columns)
+            fields = extract_fields(record, cfg.format, columns, recipe_tools=cfg.tools)
             if cfg.format == "images" and not image_path(path, fields["image"]).is_file():
                 raise RowProblem(f"image file not found: {image_path(path, fields['image'])}")
         except RowProblem as exc:
@@ -442,10 +435,15 @@ def digest_file(path: str, key: str = "data.path") -> str:
     return digest.hexdigest()
 
 
-def _dataset_from_records(path: str, records: list[dict[str, Any]], columns: Sequence[str] | None) -> Any:
+def _dataset_from_records(
+    path: str, records: list[dict[str, Any]], columns: Sequence[str] | None, as_json: bool = False
+) -> Any:
     import datasets
 
     names = list(columns) if columns is not None else list(dict.fromkeys(k for r in records for k in r))
+    if as_json:
+        rows = [json.dumps({n: r[n] for n in names if n in r}, ensure_ascii=False) for r in records]
+        return datasets.Dataset.from_dict({ROW_JSON: rows})
     table = {name: [record.get(name) for record in records] for name in names}
     try:
         return datasets.Dataset.from_dict(table)
@@ -463,12 +461,14 @@ def read_rows(
     columns: Sequence[str] | None = None,
     key: str = "data.path",
     cache_dir: Path | None = None,
+    as_json: bool = False,
 ) -> datasets.Dataset:
     """The rows of a local file or Hub dataset, at most `max_samples` of them, as a `datasets.Dataset`.
 
     `split` only applies to Hub datasets. `columns` keeps just those file columns (missing ones read as
     null), which also spares pyarrow from typing columns nobody uses. `key` names the recipe key in
-    errors; `cache_dir` is where `datasets` caches Hub downloads (default: its own cache).
+    errors; `cache_dir` is where `datasets` caches Hub downloads (default: its own cache). `as_json` keeps
+    each local row whole, as JSON text in the ROW_JSON column (chat rows, whose messages vary in shape).
     """
     if is_hub_id(path):
         rows = _load_hub(path, split, key, cache_dir=cache_dir)
@@ -479,4 +479,4 @@ def read_rows(
         return rows
     file = _local_file(path, key)
     records = [record for _, record in islice(_iter_file(path, file), max_samples)]
-    return _dataset_from_records(path, records, columns)
+    return _dataset_from_records(path, records, columns, as_json)

@@ -4,8 +4,11 @@ Every format first becomes a list of segments `(text, trainable)`; each segment 
 with `add_special_tokens=False`, so the prompt/answer boundary is a token boundary and the mask is exact:
 
 - alpaca: [(prompt, False), (output, True)], then EOS;
-- chat:   for each assistant message i, the text between render(messages[:i], add_generation_prompt=True)
-          and render(messages[:i+1]) is trainable, the rest (system, user turns, headers) is not;
+- chat:   rendered once and tokenized once (peftrun.data.chat.encode): the spans the model writes are
+          trained, with the end-of-turn token the template renders; no EOS is added. Only a template of
+          no known family without {% generation %} tags falls back to segments: for each assistant
+          message i, the text between render(messages[:i], add_generation_prompt=True) and
+          render(messages[:i+1]) is trainable, the rest (system, user turns, headers) is not;
 - text:   [(text, True)], then EOS.
 
 Then exactly one BOS goes in front (when the tokenizer has one) and EOS at the end with its label kept,
@@ -18,6 +21,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
+from peftrun.data.chat.encode import ChatEncoder, Rendered
+from peftrun.data.chat.messages import Conversation
 from peftrun.data.sources import RowProblem, column_map, extract_fields
 from peftrun.data.templates import PROMPT_RENDERERS
 from peftrun.errors import UserError
@@ -78,16 +83,17 @@ def chat_segments(messages: Sequence[dict[str, str]], render: RenderChat) -> lis
         full = render(list(messages[: i + 1]), False)
         if not prompt.startswith(covered) or not full.startswith(prompt):
             raise RowProblem(
-                f"the chat template is not prefix-consistent at message {i} (rendering a shorter conversation "
-                "is not the start of rendering a longer one), so assistant turns cannot be masked; "
-                "set data.chat_template to chatml, llama3 or zephyr"
+                f"the chat template is of no family peftrun knows and is not prefix-consistent at message {i} "
+                f"(rendering messages[:{i}] is not the start of rendering messages[:{i + 1}]), so the assistant "
+                "turns cannot be cut out; mark the assistant output with {% generation %}...{% endgeneration %} "
+                "in the template (data.chat_template may hold the Jinja)"
             )
         segments += [(prompt[len(covered) :], False), (full[len(prompt) :], True)]
         covered = full
     return segments
 
 
-def chat_renderer(tokenizer: Any, template: str) -> RenderChat:
+def chat_renderer(tokenizer: Any, template: str, tools: list[dict[str, Any]] | None = None) -> RenderChat:
     """Render messages with `template` exactly as `tokenizer.apply_chat_template` would.
 
     The lower-level renderer is used because apply_chat_template refuses an empty conversation, which a
@@ -102,6 +108,7 @@ def chat_renderer(tokenizer: Any, template: str) -> RenderChat:
             # Annotated `-> str` upstream, but returns (renderings, generation indices).
             result: Any = render_jinja_template(
                 [messages],
+                tools=list(tools) if tools else None,
                 chat_template=template,
                 add_generation_prompt=add_generation_prompt,
                 **special_tokens,
@@ -134,6 +141,9 @@ class TokenizeStats:
     dropped_empty: int = 0
     supervised_tokens: int = 0
     total_tokens: int = 0
+    template_warnings: int = (
+        0  # chat rows the doctor has a warning for (a dropped turn, no end-of-turn token)
+    )
 
     def __iadd__(self, other: TokenizeStats) -> TokenizeStats:
         for field in fields(self):
@@ -155,6 +165,8 @@ class SampleEncoder:
     """Turns rows of one source into training samples, for one tokenizer and one `data` config.
 
     `source` names the file in errors; `chat_template` is the resolved Jinja template (chat format only).
+    Chat rows of a known template (its family's turn markers, or {% generation %} tags) go through
+    `ChatEncoder`: rendered once, tokenized once; others through the prefix segments below.
     """
 
     def __init__(
@@ -172,18 +184,23 @@ class SampleEncoder:
         self.bos_text = _token_text(tokenizer, "bos_token") if self.bos_id is not None else None
         self.eos_id: int = tokenizer.eos_token_id
         self.eos_text = _token_text(tokenizer, "eos_token")
-        self.render = chat_renderer(tokenizer, chat_template) if chat_template is not None else None
+        self.chat = ChatEncoder(tokenizer, chat_template, cfg) if chat_template is not None else None
+        self.chat_template = chat_template
 
     # rows -> segments
 
     def segments(self, row: Mapping[str, Any]) -> list[Segment]:
         """The row's segments with the tokenizer's BOS text removed from the front; [] if nothing to learn."""
-        fields = extract_fields(row, self.cfg.format, self.columns)
+        fields = extract_fields(row, self.cfg.format, self.columns, recipe_tools=self.cfg.tools)
         if self.cfg.format == "alpaca":
             segments = alpaca_segments(fields, self.cfg.prompt_template)
         elif self.cfg.format == "chat":
-            assert self.render is not None
-            segments = chat_segments(fields["messages"], self.render)
+            assert self.chat_template is not None
+            render = chat_renderer(self.tokenizer, self.chat_template, fields["tools"])
+            segments = chat_segments(fields["messages"], render)
+            if self.cfg.train_on == "last":
+                last = max((i for i, (_, trainable) in enumerate(segments) if trainable), default=-1)
+                segments = [(text, trainable and i == last) for i, (text, trainable) in enumerate(segments)]
         else:
             segments = text_segments(fields)
         return self._without_leading_bos(segments)
@@ -241,6 +258,8 @@ class SampleEncoder:
 
         Segments of the whole batch are tokenized in one call, which fast tokenizers parallelise.
         """
+        if self.chat is not None and self.chat.known:
+            return self._encode_chat(rows, first_row)
         stats = TokenizeStats(rows=len(rows))
         rendered: list[tuple[int, list[Segment]]] = []
         for row_number, row in enumerate(rows, start=first_row):
@@ -259,17 +278,50 @@ class SampleEncoder:
             if texts
             else iter(())
         )
-        samples = []
+        encoded = []
         for row_number, segments in rendered:
             pieces = [(list(next(token_ids)), trainable) for _, trainable in segments]
-            input_ids, labels = self._assemble(pieces, self._needs_eos(segments))
+            encoded.append((row_number, *self._assemble(pieces, self._needs_eos(segments))))
+        return self._keep(encoded, stats), stats
+
+    def _keep(self, encoded: list[tuple[int, list[int], list[int]]], stats: TokenizeStats) -> list[Sample]:
+        """The samples that fit max_seq_len (data.overlong), counted in `stats`."""
+        samples = []
+        for row_number, input_ids, labels in encoded:
             sample = self._fit(row_number, input_ids, labels, stats)
             if sample is not None:
                 samples.append(sample)
                 stats.kept += 1
                 stats.total_tokens += len(sample.input_ids)
                 stats.supervised_tokens += supervised_count(sample.labels)
-        return samples, stats
+        return samples
+
+    def render_chat(self, row: Mapping[str, Any]) -> Rendered:
+        """One chat row rendered once with its trained spans (templates of a known family, or tagged)."""
+        assert self.chat is not None
+        fields = extract_fields(row, "chat", self.columns, recipe_tools=self.cfg.tools)
+        return self.chat.render(Conversation(fields["messages"], fields["tools"]))
+
+    def _encode_chat(
+        self, rows: Sequence[Mapping[str, Any]], first_row: int
+    ) -> tuple[list[Sample], TokenizeStats]:
+        """Chat rows of a known template: each rendered once, then all tokenized in one call."""
+        assert self.chat is not None
+        stats = TokenizeStats(rows=len(rows))
+        numbered: list[tuple[int, Rendered]] = []
+        for row_number, row in enumerate(rows, start=first_row):
+            try:
+                rendered = self.render_chat(row)
+            except RowProblem as exc:
+                raise UserError(f"{self.source}: row {row_number}: {exc}") from None
+            if rendered.spans:
+                numbered.append((row_number, rendered))
+            else:
+                stats.dropped_empty += 1
+        tokens = self.chat.tokenize([rendered for _, rendered in numbered])
+        stats.template_warnings = sum(bool(rendered.notes) for _, rendered in numbered)
+        encoded = [(number, ids, labels) for (number, _), (ids, labels) in zip(numbered, tokens, strict=True)]
+        return self._keep(encoded, stats), stats
 
 
 # ---- batches ------------------------------------------------------------------------------------------

@@ -176,8 +176,22 @@ class DataConfig(Section):
     )
     chat_template: str | None = Field(
         None,
-        description="Built-in template name (chatml, llama3, zephyr) for tokenizers without a chat template; "
-        "default: the tokenizer's own.",
+        description="Built-in template name (chatml, llama3, zephyr) for tokenizers without a chat template, or "
+        "the Jinja itself; default: the tokenizer's own. The run's tokenizer (final/) carries it.",
+    )
+    train_on: Literal["all", "last"] = Field(
+        "all",
+        description="chat: train on every assistant turn, or only on the last one of each conversation.",
+    )
+    train_on_reasoning: bool = Field(
+        True,
+        description="chat: train on the reasoning the template renders (the <think> block); false trains only "
+        "what follows it.",
+    )
+    tools: list[dict[str, Any]] | None = Field(
+        None,
+        description="chat: tool definitions (OpenAI JSON schemas) handed to the chat template for every row "
+        "that has no `tools` column of its own.",
     )
     max_seq_len: int = Field(1024, gt=0, description="Longest sample in tokens (BOS and EOS included).")
     overlong: Literal["truncate", "drop", "error"] = Field(

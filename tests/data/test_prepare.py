@@ -168,7 +168,8 @@ def test_cache_hit_and_what_misses(tok: Any, tmp_path: Path, chat_file: Path) ->
     assert _hit(cfg, tok, cache)
 
     # The chat template: by name, or the tokenizer's own changing.
-    assert not _hit(DataConfig(path=str(chat_file), format="chat", chat_template="chatml"), tok, cache)
+    named = DataConfig(path=str(chat_file), format="chat", chat_template="chatml")
+    assert not _hit(named, copy.deepcopy(tok), cache)  # a copy: the tokenizer adopts a recipe's template
     edited = copy.deepcopy(tok)
     edited.chat_template = tok.chat_template.replace("<|end|>", "<|end|>\n")
     assert not _hit(cfg, edited, cache)
@@ -265,3 +266,22 @@ def test_hub_dataset_is_cached_by_its_fingerprint(
     assert _hit(cfg, tok, tmp_path)
     hub["rows"] = alpaca_rows(5)  # a new revision of the dataset
     assert not _hit(cfg, tok, tmp_path)
+
+
+def test_a_recipe_template_is_adopted_by_the_tokenizer(tok: Any, tmp_path: Path, chat_file: Path) -> None:
+    """The run saves this tokenizer: with data.chat_template set, it must render chats as training did."""
+    from peftrun.data.templates import CHAT_TEMPLATES
+
+    own = copy.deepcopy(tok)
+    prepare_data(DataConfig(path=str(chat_file), format="chat"), own, 0, tmp_path / "cache")
+    assert own.chat_template == tok.chat_template
+    named = copy.deepcopy(tok)
+    prepare_data(
+        DataConfig(path=str(chat_file), format="chat", chat_template="chatml"), named, 0, tmp_path / "c"
+    )
+    assert named.chat_template == CHAT_TEMPLATES["chatml"]
+    cached = copy.deepcopy(tok)  # a cache hit too
+    prepare_data(
+        DataConfig(path=str(chat_file), format="chat", chat_template="chatml"), cached, 0, tmp_path / "c"
+    )
+    assert cached.chat_template == CHAT_TEMPLATES["chatml"]

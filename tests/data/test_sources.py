@@ -87,7 +87,7 @@ BAD_INPUTS = [
             CHAT_OK, {"messages": [{"role": "user", "content": "hi"}, {"role": "human", "content": "yo"}]}
         ),
         {"format": "chat"},
-        "c.jsonl: row 2: messages[1] has unknown role 'human' (known: system, user, assistant)",
+        "c.jsonl: row 2: messages[1] has unknown role 'human' (known: system, user, assistant, tool)",
         id="unknown-role",
     ),
     pytest.param(
@@ -115,7 +115,8 @@ BAD_INPUTS = [
         "c.jsonl",
         _jsonl({"conversation": []}),
         {"format": "chat"},
-        "c.jsonl: row 1: missing 'messages' (columns: conversation); map it with data.columns",
+        "c.jsonl: row 1: missing 'messages' (columns: conversation); map it with data.columns, or give "
+        "ShareGPT 'conversations' or 'prompt' and 'completion'",
         id="chat-missing-messages",
     ),
     pytest.param(

@@ -110,23 +110,23 @@ def test_chat_trains_only_assistant_turns(tok: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "trained", "ends_with"),
+    ("name", "trained", "ends_with", "bos"),
     [
-        ("chatml", ["hello world<|im_end|>\n", "five<|im_end|>\n</s>"], "</s>"),
-        ("llama3", ["hello world<|eot_id|>", "five<|eot_id|></s>"], "</s>"),
-        ("zephyr", ["hello world</s>\n", "five</s>\n"], "</s>\n"),  # its turns end with EOS: none appended
+        # Each turn's end-of-turn token is trained; no EOS the template does not render is added, and BOS
+        # only where the template renders it (this tokenizer adds none itself).
+        ("chatml", ["hello world<|im_end|>", "five<|im_end|>"], "five<|im_end|>\n", 0),
+        ("llama3", ["hello world<|eot_id|>", "five<|eot_id|>"], "five<|eot_id|>", 1),
+        ("zephyr", ["hello world</s>", "five</s>"], "five</s>\n", 0),
     ],
 )
-def test_builtin_chat_templates(tok: Any, name: str, trained: list[str], ends_with: str) -> None:
+def test_builtin_chat_templates(tok: Any, name: str, trained: list[str], ends_with: str, bos: int) -> None:
     sample = one(tok, {"messages": CONVERSATION}, format="chat", chat_template=name)
     assert runs(tok, sample) == trained
-    assert sample.input_ids[0] == tok.bos_token_id
-    assert sample.input_ids.count(tok.bos_token_id) == 1
+    assert sample.input_ids.count(tok.bos_token_id) == bos
     text = tok.decode(sample.input_ids)
     assert text.endswith(ends_with)
-    assert text.count("</s>") == (5 if name == "zephyr" else 1)
-    eos_positions = [i for i, t in enumerate(sample.input_ids) if t == tok.eos_token_id]
-    assert sample.labels[eos_positions[-1]] == tok.eos_token_id
+    rendered = tok.apply_chat_template(CONVERSATION, chat_template=CHAT_TEMPLATES[name], tokenize=False)
+    assert text == rendered  # exactly the template's text: nothing added, nothing lost
 
 
 def test_builtin_templates_are_prefix_consistent(tok: Any) -> None:
@@ -160,9 +160,10 @@ def test_not_prefix_consistent_template_names_the_row(tok: Any) -> None:
     with pytest.raises(UserError) as caught:
         encode(tok, rows, format="chat", chat_template=template)
     assert str(caught.value) == (
-        "x.jsonl: row 1: the chat template is not prefix-consistent at message 1 (rendering a shorter "
-        "conversation is not the start of rendering a longer one), so assistant turns cannot be masked; "
-        "set data.chat_template to chatml, llama3 or zephyr"
+        "x.jsonl: row 1: the chat template is of no family peftrun knows and is not prefix-consistent at "
+        "message 1 (rendering messages[:1] is not the start of rendering messages[:2]), so the assistant turns "
+        "cannot be cut out; mark the assistant output with {% generation %}...{% endgeneration %} in the "
+        "template (data.chat_template may hold the Jinja)"
     )
 
 
