@@ -124,7 +124,7 @@ def load_model(
         torch.manual_seed(RANDOM_INIT_SEED)
         model = _load_weights(cfg, task.model_class(), device_map, labels)
     model.config.use_cache = False  # the KV cache only costs memory during training
-    if cfg.quantization is not None and cfg.quantization.compute_dtype != "bf16":
+    if cfg.quantization is not None:
         keep_4bit_compute_dtype(model)
     return model
 
