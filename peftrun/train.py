@@ -7,6 +7,7 @@ micro 2 x accumulation 2, micro 4 x accumulation 1 and 2 ranks x micro 2 give th
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import time
@@ -19,7 +20,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from peftrun.checkpoint import (
+    STATE_FILE,
     TrainerState,
+    checkpoint_root,
     load_checkpoint,
     register_trainable_only_hooks,
     resolve_resume,
@@ -28,7 +31,15 @@ from peftrun.checkpoint import (
 from peftrun.cpu_matmul import use_cpu_matmul
 from peftrun.cpu_memory import keep_freed_memory
 from peftrun.data.sampling import EpochShuffle, LengthGroupedShuffle
-from peftrun.dist import gathered_model, make_accelerator, prepare_scheduler
+from peftrun.dist import (
+    agree_on_failure,
+    gather_trainable,
+    gathered_model,
+    make_accelerator,
+    prepare_scheduler,
+    scatter_trainable,
+    zero_stage,
+)
 from peftrun.errors import UserError
 from peftrun.methods import (
     MAY_ZERO_TENSORS,
@@ -53,7 +64,22 @@ from peftrun.recipe.schema import Recipe, TrainConfig
 from peftrun.signals import SCHEDULER_SIGNALS, StopRequest, requeue_slurm_job, slurm_restarts
 from peftrun.staging import staged_dir
 from peftrun.tasks import TASKS, Task, forward_logits
-from peftrun.verify import VerificationError, check_reload, check_tensors, logit_tolerance
+from peftrun.verify import (
+    LogitDiff,
+    VerificationError,
+    check_adapter_config,
+    check_adapter_in_memory,
+    check_model_config,
+    check_reload,
+    check_tensors,
+    logit_diff,
+    logit_tolerance,
+    logits_dtype,
+    logits_on,
+    probe_rows,
+    read_saved_tensors,
+    same_kernels_tolerance,
+)
 
 FINAL_DIR = "final"
 
@@ -279,7 +305,16 @@ def train(recipe: Recipe) -> RunResult:
         eval_loss = _eval_and_log(accelerator, model, eval_loader, task, recipe, state.step, metrics)
     if recipe.checkpoint.at_end and losses:
         save_checkpoint(accelerator, out, state, recipe.checkpoint.keep_last)
-    final_dir = save_final(accelerator, model, processor, recipe, probe_batch, initial_adapter)
+    try:
+        final_dir = save_final(accelerator, model, processor, recipe, probe_batch, initial_adapter)
+    except SaveCheckFailed as exc:
+        # What was trained is kept: a checkpoint of this step (written now unless it already is), so
+        # that the user can resume or save again after a fix. The check leaves the weights as trained.
+        path = checkpoint_root(out) / f"step-{state.step:08d}"
+        if losses and not (path / STATE_FILE).is_file():
+            path = save_checkpoint(accelerator, out, state, recipe.checkpoint.keep_last)
+        kept = f"; the trained weights are kept in {path}" if (path / STATE_FILE).is_file() else ""
+        raise SaveCheckFailed(f"{exc}{kept}") from None
     if accelerator.is_main_process:
         if recipe.logging.plot:
             plot_losses(out / METRICS_FILE, out / PLOT_FILE)
@@ -453,6 +488,10 @@ def _eval_and_log(
 # ---- the final artefact ---------------------------------------------------------------------------------------
 
 
+class SaveCheckFailed(UserError):
+    """The final artefact failed its check on some process; nothing was published."""
+
+
 def save_final(
     accelerator: Any,
     model: Any,
@@ -461,27 +500,46 @@ def save_final(
     probe_batch: dict[str, torch.Tensor],
     initial_adapter: Path | None = None,
 ) -> Path:
-    """Write the deployable artefact to output_dir/final, verified before it replaces the previous one."""
-    out = recipe.output_dir
+    """Write the deployable artefact to output_dir/final, verified before it replaces the previous one.
+
+    Every process calls this; a failed check raises SaveCheckFailed on every process.
+    """
+    final = recipe.output_dir / FINAL_DIR
+    adapter = recipe.method.kind not in ("full", "frozen")
+    if zero_stage(accelerator) == 3 and adapter and initial_adapter is None:
+        failure = _save_sharded_adapter(accelerator, model, processor, recipe, probe_batch, final)
+    else:
+        failure = _save_whole(accelerator, model, processor, recipe, probe_batch, initial_adapter, final)
+    if agree_on_failure(accelerator, failure):
+        raise SaveCheckFailed(
+            f"the saved artefact failed verification and was not published: {failure or 'see the main process'}"
+        )
+    return final
+
+
+def _save_whole(
+    accelerator: Any,
+    model: Any,
+    processor: Any,
+    recipe: Recipe,
+    probe_batch: dict[str, torch.Tensor],
+    initial_adapter: Path | None,
+    final: Path,
+) -> str | None:
+    """The save where the main process holds every weight it writes (one process, DDP, ZeRO-1/2, and
+    full fine-tuning under ZeRO-3 through a gathered copy); returns the check's failure, if any."""
     # Under ZeRO-3 no process holds whole weights: the save and its checks use a plain copy gathered
     # from all processes (a collective, see dist.py); elsewhere every process holds them.
     gathered = gathered_model(accelerator, model, recipe, probe_batch)
-    final = out / FINAL_DIR
+    failure = None
     if accelerator.is_main_process:
         # keep_fp32_wrapper=False: compare weights, not the mixed-precision autocast around forward.
         unwrapped = (
             gathered if gathered is not None else accelerator.unwrap_model(model, keep_fp32_wrapper=False)
         )
-        with staged_dir(final) as tmp:
-            _base_config(unwrapped).use_cache = True  # off for training only; generation wants it
-            convert = (
-                {"path_initial_model_for_weight_conversion": str(initial_adapter)} if initial_adapter else {}
-            )
-            unwrapped.save_pretrained(tmp, safe_serialization=True, **convert)
-            _base_config(unwrapped).use_cache = False
-            processor.save_pretrained(tmp)  # the tokenizer, or the image processor
-            shutil.copy(out / RESOLVED_RECIPE, tmp / RESOLVED_RECIPE)
-            try:
+        try:
+            with staged_dir(final) as tmp:
+                _write_artefact(unwrapped, processor, recipe, tmp, initial_adapter=initial_adapter)
                 # A converted adapter has rank 2r: its values are checked through the logits below.
                 tensors = check_tensors(
                     tmp,
@@ -489,19 +547,136 @@ def save_final(
                     compare_values=initial_adapter is None,
                     each_nonzero=recipe.method.kind not in MAY_ZERO_TENSORS,
                 )
-                reloaded = reload_artefact(tmp, recipe)
-                tolerance = logit_tolerance(DTYPES[recipe.model.dtype], recipe.model.quantization is not None)
-                diff = check_reload(reloaded, unwrapped, probe_batch, tolerance)
-            except VerificationError as exc:
-                raise UserError(
-                    f"the saved artefact failed verification and was not published: {exc}"
-                ) from None
-            del reloaded
-        accelerator.print(
-            f"[peftrun] saved {final}: {tensors} tensors verified, reload logits max rel diff {diff:.1e} (tol {tolerance:.0e})"
-        )
+                logits = _check_artefact_logits(tmp, unwrapped, recipe, probe_batch, initial_adapter)
+        except VerificationError as exc:
+            failure = str(exc)
+        else:
+            accelerator.print(f"[peftrun] saved {final}: {tensors} tensors verified, {logits}")
     accelerator.wait_for_everyone()
-    return final
+    return failure
+
+
+def _write_artefact(
+    unwrapped: Any,
+    processor: Any,
+    recipe: Recipe,
+    tmp: Path,
+    initial_adapter: Path | None = None,
+    **save: Any,
+) -> None:
+    _base_config(unwrapped).use_cache = True  # off for training only; generation wants it
+    if initial_adapter is not None:
+        save["path_initial_model_for_weight_conversion"] = str(initial_adapter)
+    unwrapped.save_pretrained(tmp, safe_serialization=True, **save)
+    _base_config(unwrapped).use_cache = False
+    processor.save_pretrained(tmp)  # the tokenizer, or the image processor
+    shutil.copy(recipe.output_dir / RESOLVED_RECIPE, tmp / RESOLVED_RECIPE)
+
+
+def _check_artefact_logits(
+    directory: Path,
+    unwrapped: Any,
+    recipe: Recipe,
+    probe_batch: dict[str, torch.Tensor],
+    initial_adapter: Path | None,
+) -> str:
+    """That what a user loads from `directory` gives the trained logits, without a second base where it
+    can (see verify.py); returns the line that says how it was shown."""
+    if recipe.method.kind in ("full", "frozen"):
+        check_model_config(directory, unwrapped)
+        return "config builds the trained architecture"
+    if initial_adapter is None:
+        check_adapter_config(directory, unwrapped)
+        diff, tolerance = check_adapter_in_memory(directory, unwrapped, probe_batch)
+        return f"saved adapter's logits in a second slot max rel diff {diff:.1e} (tol {tolerance:.0e})"
+    # PiSSA/OLoRA/CorDA: the saved (converted) adapter belongs on the original base, which is no
+    # longer in memory (training moved its weights): a fresh reload is the only check.
+    reloaded = reload_artefact(directory, recipe)
+    tolerance = logit_tolerance(DTYPES[recipe.model.dtype], recipe.model.quantization is not None)
+    diff = check_reload(reloaded, unwrapped, probe_batch, tolerance)
+    return f"reload logits max rel diff {diff:.1e} (tol {tolerance:.0e})"
+
+
+class _Unpublished(Exception):
+    """Leaves a staged directory without publishing it."""
+
+
+def _write_sharded_adapter(
+    unwrapped: Any,
+    processor: Any,
+    recipe: Recipe,
+    tmp: Path,
+    trained: dict[str, torch.Tensor],
+    swapped: dict[str, torch.Tensor],
+) -> int:
+    """Main process, ZeRO-3: write the adapter from the gathered trainable tensors and check the files
+    against them; fills `swapped` with the saved values under the model's parameter names."""
+    from peft import get_peft_model_state_dict
+
+    _write_artefact(unwrapped, processor, recipe, tmp, state_dict=trained)
+    # peft renames (drops the adapter name) but keeps the tensors: their ids map saved names back.
+    renamed = get_peft_model_state_dict(unwrapped, state_dict=trained)
+    tensors = check_tensors(
+        tmp,
+        unwrapped,
+        expected=(renamed, set(renamed)),
+        each_nonzero=recipe.method.kind not in MAY_ZERO_TENSORS,
+    )
+    check_adapter_config(tmp, unwrapped)
+    saved = read_saved_tensors(tmp)
+    full_name = {id(tensor): name for name, tensor in trained.items()}
+    swapped.update({full_name[id(tensor)]: saved[key] for key, tensor in renamed.items()})
+    return tensors
+
+
+def _save_sharded_adapter(
+    accelerator: Any,
+    model: Any,
+    processor: Any,
+    recipe: Recipe,
+    probe_batch: dict[str, torch.Tensor],
+    final: Path,
+) -> str | None:
+    """An adapter's save under ZeRO-3: only the trainable tensors are gathered (to the main process),
+    and the logits check runs on the sharded model itself with every process taking part: the trained
+    logits, then the saved tensors swapped into the model, the logits again, then the trained values
+    back. The same kernels run both forwards. Returns the check's failure, if any."""
+    unwrapped = accelerator.unwrap_model(model)
+    main = accelerator.is_main_process
+    trained = gather_trainable(accelerator, model)  # empty on other processes
+    samples = probe_rows(probe_batch)
+    expected = [logits_on(model, sample) for sample in samples]
+    failure: str | None = None
+    report = ""
+    try:
+        with staged_dir(final) if main else contextlib.nullcontext(final) as tmp:
+            swapped: dict[str, torch.Tensor] = {}
+            if main:
+                try:
+                    tensors = _write_sharded_adapter(unwrapped, processor, recipe, tmp, trained, swapped)
+                except VerificationError as exc:
+                    failure = str(exc)
+            if not agree_on_failure(accelerator, failure):
+                scatter_trainable(accelerator, model, swapped)
+                found = LogitDiff(0.0, 0.0)
+                for sample, trained_logits in zip(samples, expected, strict=True):
+                    found = found.worst(logit_diff(trained_logits, logits_on(model, sample)))
+                scatter_trainable(accelerator, model, trained)
+                tolerance = same_kernels_tolerance(logits_dtype(unwrapped))
+                report = f"{tensors if main else 0} tensors verified, saved tensors in the sharded model: logits max rel diff {found.max_rel:.1e} (tol {tolerance:.0e})"
+                if main and not found.max_rel <= tolerance:
+                    failure = (
+                        f"the saved tensors swapped into the sharded model give logits {found.max_rel:.3e} "
+                        f"away from the trained ones (> {tolerance:.0e})"
+                    )
+            if main and failure is not None:
+                raise _Unpublished  # leaves staged_dir with an error: what was written is removed
+    except _Unpublished:
+        pass
+    if failure is None:
+        accelerator.print(f"[peftrun] saved {final}: {report}")
+    accelerator.wait_for_everyone()
+    return failure
 
 
 def reload_artefact(directory: Path, recipe: Recipe) -> Any:
