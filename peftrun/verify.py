@@ -250,7 +250,7 @@ def check_adapter_in_memory(
     `PeftModel.from_pretrained(base, directory)` does; the base is the one in memory, so no second
     base is loaded, and both forwards run through the same kernels in eval mode.
     """
-    trained_slot = model.active_adapter
+    trained_slot, was_training = model.active_adapter, model.training
     samples = probe_rows(batch)
     expected = [logits_on(model, sample) for sample in samples]
     dtype = logits_dtype(model)
@@ -263,6 +263,7 @@ def check_adapter_in_memory(
     finally:
         model.set_adapter(trained_slot)  # also makes the trained adapter trainable again
         model.delete_adapter(SAVED_SLOT)
+        model.train(was_training)  # peft's load_adapter puts the whole model in eval mode
     tolerance = same_kernels_tolerance(dtype)
     return _within(found, tolerance), tolerance
 
@@ -278,7 +279,7 @@ def logits_dtype(model: Any) -> torch.dtype:
 
 ADAPTER_CONFIG = "adapter_config.json"
 # Fields of a saved adapter config that do not change what a load builds.
-_RUNTIME_FIELDS = {"inference_mode", "runtime_config"}
+_RUNTIME_FIELDS = {"inference_mode", "runtime_config", "auto_mapping"}
 
 
 def check_adapter_config(directory: Path, model: Any) -> None:
