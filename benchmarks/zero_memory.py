@@ -16,6 +16,13 @@ exist), then adds up the bytes of the tensors it really holds, each storage coun
 
 The DDP reducer's own gradient buckets live in C++ and are invisible to this count (they add one more
 gradient-sized copy per process); its peak RSS shows them.
+
+    .venv/bin/python benchmarks/zero_memory.py --lora [--hidden 2048] [--layers 16]
+
+The LoRA case: a Llama-shaped model in bf16 (random weights, saved in 500 MB shards; ~0.85B
+parameters at the defaults of this mode), LoRA r=16 on all linear layers, 2 steps of one 128-token
+sample per process, run by `peftrun train` itself under each backend, final save and its check
+included. Each process reports its own peak RSS (training and save).
 """
 
 from __future__ import annotations
@@ -45,11 +52,17 @@ def main() -> int:
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--lora", action="store_true", help="the ~1B bf16 LoRA case (see above)")
     parser.add_argument("--worker", metavar="OUT_JSON", help=argparse.SUPPRESS)
+    parser.add_argument("--lora-worker", nargs=2, metavar=("RECIPE", "OUT_JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args, Path(args.worker))
         return 0
+    if args.lora_worker:
+        return lora_worker(Path(args.lora_worker[0]), Path(args.lora_worker[1]))
+    if args.lora:
+        return lora_case(args)
 
     rows: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,6 +99,131 @@ def main() -> int:
             rows[name] = [json.loads(line) for line in out.read_text().splitlines()]
     print_table(rows, args.processes)
     return 0
+
+
+def launch(config: str, processes: int, script_args: list[str]) -> subprocess.CompletedProcess[str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        *("--config_file", str(REPO / "accelerate_configs" / config)),
+        *("--num_processes", str(processes), "--main_process_port", str(port)),
+        __file__,
+        *script_args,
+    ]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+
+
+def lora_case(args: argparse.Namespace) -> int:
+    hidden = args.hidden if args.hidden != 768 else 2048  # this mode's defaults: the ~1B model
+    layers = args.layers if args.layers != 8 else 16
+    rows: dict[str, list[dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe = build_lora_case(Path(tmp), hidden, layers, args.vocab)
+        for name, config in BACKENDS.items():
+            out = Path(tmp) / f"{config}.json"
+            print(f"running {name} ...", file=sys.stderr, flush=True)
+            done = launch(config, args.processes, ["--lora-worker", str(recipe), str(out)])
+            if done.returncode != 0:
+                print(done.stdout[-2000:], done.stderr[-4000:], file=sys.stderr)
+                return 1
+            rows[name] = sorted(
+                (json.loads(line) for line in out.read_text().splitlines()), key=lambda r: r["rank"]
+            )
+            saved = [line for line in done.stdout.splitlines() if "[peftrun] saved" in line]
+            print(f"{name}: {saved[-1] if saved else 'no save line'}", file=sys.stderr)
+    print(f"\nLoRA r=16, bf16, {hidden=} {layers=}, {args.processes} CPU processes: peak RSS MB per process")
+    print("| backend | " + " | ".join(f"rank {r}" for r in range(args.processes)) + " |")
+    print("|---|" + "---:|" * args.processes)
+    for name, ranks in rows.items():
+        print(f"| {name} | " + " | ".join(f"{r['peak_rss_bytes'] / MB:,.0f}" for r in ranks) + " |")
+    return 0
+
+
+def build_lora_case(root: Path, hidden: int, layers: int, vocab: int) -> Path:
+    """The bf16 model, one 128-token sample per process, and the recipe; returns the recipe's path."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peftrun.demo.tiny import build_tokenizer
+
+    words = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "the",
+        "lazy",
+        "dog",
+        "while",
+        "ranks",
+        "shard",
+        "optimizer",
+        "state",
+    ]
+    tokenizer = build_tokenizer(root / "model", [" ".join(words)] * 20, vocab_size=300)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(2.75 * hidden),
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16: no fp32 copy of ~1B weights on the way
+    try:
+        LlamaForCausalLM(config).save_pretrained(root / "model", max_shard_size="500MB")
+    finally:
+        torch.set_default_dtype(default)
+    text = tokenizer.decode(tokenizer(" ".join(words * 20))["input_ids"][:127])
+    (root / "data.jsonl").write_text((json.dumps({"text": text}) + "\n") * 2)
+    recipe = root / "lora.yaml"
+    recipe.write_text(
+        json.dumps(
+            {
+                "output_dir": str(root / "run"),
+                "model": {"name_or_path": str(root / "model"), "dtype": "bf16"},
+                "method": {"kind": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear"},
+                "data": {
+                    "path": str(root / "data.jsonl"),
+                    "format": "text",
+                    "max_seq_len": 128,
+                    "val_fraction": 0,
+                },
+                "train": {"max_steps": 2, "micro_batch_size": 1, "global_batch_size": 2, "lr": 1e-3},
+                "logging": {"progress_bar": False, "plot": False},
+                "checkpoint": {"at_end": False},
+            }
+        )
+    )
+    return recipe
+
+
+def lora_worker(recipe: Path, out: Path) -> int:
+    from peftrun.cli.main import main as peftrun_main
+
+    code = peftrun_main(["train", str(recipe)])
+    record = {"rank": int(os.environ.get("RANK", "0")), "peak_rss_bytes": _peak_rss_bytes()}
+    with out.open("a") as handle:  # one short line per process: appends do not interleave
+        handle.write(json.dumps(record) + "\n")
+    return code
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def print_table(rows: dict[str, list[dict[str, Any]]], processes: int) -> None:

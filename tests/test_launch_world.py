@@ -208,7 +208,9 @@ def test_the_launch_is_read_from_the_parent_process(tmp_path: Path) -> None:
     is), read back by its child from /proc, its relative config file from the parent's directory."""
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "zero3.yaml").write_text((CONFIGS / "zero3.yaml").read_text())
-    child = "from peftrun.dist.launch_world import find_accelerate_launch; print(repr(find_accelerate_launch()))"
+    child = (
+        "from peftrun.dist.launch_world import find_accelerate_launch; print(repr(find_accelerate_launch()))"
+    )
     launcher = tmp_path / "accelerate"
     launcher.write_text(
         f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', {child!r}], check=True)\n"

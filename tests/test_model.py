@@ -306,3 +306,20 @@ def test_count_parameters_of_a_4bit_model_is_its_logical_size(nf4_model: Any, ti
     assert count_parameters(nf4_model)[1] == total
     wrapped = peft.get_peft_model(nf4_model, peft.LoraConfig(r=4, target_modules="all-linear"))
     assert count_parameters(wrapped) == wrapped.get_nb_trainable_parameters()
+
+
+def test_4bit_model_with_bf16_compute_runs_the_training_kernels_in_eval(write_recipe: Any) -> None:
+    """With bf16 compute too, eval runs the training path: bitsandbytes' fused AVX512-BF16 kernel moved
+    a 1B QLoRA model's logits by ~1% of their scale, and save_pretrained unpacks what it packed."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    quantization = {**NF4, "compute_dtype": "bf16"}
+    model = load_model(recipe_for(write_recipe, model={"quantization": quantization}).model, "causal_lm")
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    ids = torch.tensor([[1, 10, 20, 30, 40, 50]])
+    with torch.no_grad():
+        training = model.train()(input_ids=ids).logits
+        evaluating = model.eval()(input_ids=ids).logits
+    assert torch.equal(evaluating, training)

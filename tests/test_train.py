@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from peftrun.cpu import matmul as cpu_matmul
+from peftrun.errors import UserError
 from peftrun.recipe.load import load_recipe
 from peftrun.train.loop import RunResult, train
 
@@ -214,7 +215,6 @@ def test_max_steps_override_caps_the_run(write_recipe: Any) -> None:
 
 
 def test_too_little_data_for_one_step_is_a_clear_error(write_recipe: Any) -> None:
-    from peftrun.errors import UserError
 
     with pytest.raises(UserError, match="fewer than one optimizer step needs"):
         run(write_recipe(train={"micro_batch_size": 4, "grad_accum_steps": 8}))
@@ -274,3 +274,16 @@ def test_training_options_train_and_verify(write_recipe: Any, override: str) -> 
     result = run(write_recipe(), override, "train.max_steps=2")
     assert result.final_dir is not None and len(result.losses) == 2
     assert all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_a_failed_save_check_keeps_what_was_trained_in_a_checkpoint(write_recipe: Any) -> None:
+    """A learning rate below fp32's smallest step leaves every LoRA B at zero: a real save that fails
+    its check. The final artefact is not published; the run's weights are kept in a checkpoint."""
+    from peftrun.train.checkpoint import complete_checkpoints
+
+    recipe = write_recipe()  # checkpoint.at_end is off: the failed check writes the checkpoint itself
+    with pytest.raises(UserError, match=r"is all zeros; the trained weights are kept in .*step-00000003"):
+        run(recipe, "train.lr=1e-46")
+    out = load_recipe(recipe).output_dir
+    assert not (out / "final").exists()
+    assert [p.name for p in complete_checkpoints(out)] == ["step-00000003"]

@@ -16,10 +16,14 @@ from safetensors.torch import load_file, save_file
 from peftrun.run.verify import (
     ADAPTER_WEIGHTS,
     VerificationError,
+    check_adapter_config,
+    check_adapter_in_memory,
+    check_model_config,
     check_reload,
     check_tensors,
     logit_tolerance,
     read_saved_tensors,
+    same_kernels_tolerance,
 )
 
 TARGETS = ["q_proj", "v_proj"]
@@ -266,3 +270,49 @@ def test_reload_with_a_different_vocabulary_is_a_shape_error(trained: Saved) -> 
     data = batch(trained.model.config.vocab_size)
     with pytest.raises(VerificationError, match="reloaded model gives logits of shape"):
         check_reload(other, trained.model, data, 1e-4)
+
+
+# --- the save check without a second base ------------------------------------------------------------------
+
+
+def test_saved_adapter_in_a_second_slot_gives_the_trained_logits(trained: Saved) -> None:
+    data = batch(trained.model.config.vocab_size)
+    diff, tolerance = check_adapter_in_memory(trained.directory, trained.model, data)
+    assert diff == 0.0 and tolerance == 2 * torch.finfo(torch.float32).eps
+    # The slot is gone, the trained adapter active and trainable again, the mode as it was.
+    assert set(trained.model.peft_config) == {"default"} and trained.model.active_adapter == "default"
+    assert all(p.requires_grad for n, p in trained.model.named_parameters() if "lora_" in n)
+    assert trained.model.training
+
+
+def test_one_changed_saved_tensor_moves_the_second_slot_logits(trained: Saved) -> None:
+    victim = lora_b_names(read_saved_tensors(trained.directory))[-1]
+    trained.rewrite(lambda tensors: tensors[victim].mul_(1.01))
+    data = batch(trained.model.config.vocab_size)
+    with pytest.raises(VerificationError, match="reloaded model's logits differ"):
+        check_adapter_in_memory(trained.directory, trained.model, data)
+    assert set(trained.model.peft_config) == {"default"}
+
+
+def test_a_changed_adapter_config_is_caught(trained: Saved) -> None:
+    check_adapter_config(trained.directory, trained.model)
+    path = trained.directory / "adapter_config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "lora_alpha": config["lora_alpha"] * 2}))
+    with pytest.raises(VerificationError, match="'lora_alpha' is 16, the trained adapter's is 8"):
+        check_adapter_config(trained.directory, trained.model)
+
+
+def test_the_tolerance_is_the_logits_dtype_resolution() -> None:
+    assert same_kernels_tolerance(torch.bfloat16) == 2 * 2.0**-7
+    assert same_kernels_tolerance(torch.float32) == 2 * 2.0**-23
+
+
+def test_a_full_save_with_a_changed_config_is_caught(tiny_llama: Path, tmp_path: Path) -> None:
+    model = base_model(tiny_llama)
+    model.save_pretrained(tmp_path / "full")
+    check_model_config(tmp_path / "full", model)
+    path = tmp_path / "full" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "rms_norm_eps": 0.5}))
+    with pytest.raises(VerificationError, match=re.escape("'rms_norm_eps' is 0.5")):
+        check_model_config(tmp_path / "full", model)

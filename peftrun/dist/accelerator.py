@@ -166,6 +166,9 @@ def prepare_scheduler(accelerator: Any, scheduler: Any) -> Any:
 def gathered_model(accelerator: Any, model: Any, recipe: Recipe, probe_batch: dict[str, torch.Tensor]) -> Any:
     """Under ZeRO-3, a plain (unsharded) copy of the trained model on the main process; else None.
 
+    Used for full and frozen fine-tuning only (an adapter's save gathers only its trainable tensors,
+    see `gather_trainable`); it holds the whole model on the main process.
+
     Every process must call this: under ZeRO-3 each one holds a slice of every weight, so gathering
     the weights and running the trained model are collectives. The main process builds the model
     afresh, loads the gathered weights into it and checks that it gives the sharded model's logits on
@@ -179,6 +182,10 @@ def gathered_model(accelerator: Any, model: Any, recipe: Recipe, probe_batch: di
     from peftrun.model.load import DTYPES, load_base, make_trainable
     from peftrun.run.verify import logit_diff, logit_tolerance, logits_on
 
+    # Under a DeepSpeed config without bf16/fp16, transformers' zero.Init builds (and DeepSpeed trains)
+    # every weight in fp32, whatever model.dtype says: the copy is built in that dtype too, so that the
+    # two forwards compute in the same precision (a bf16 copy of a 1B model was 9e-2 away).
+    trained_dtype = next(accelerator.unwrap_model(model).parameters()).dtype
     state_dict = accelerator.get_state_dict(model)  # full tensors on the main process only
     trained_logits = logits_on(model, probe_batch)  # every process runs its part of the forward
     # transformers builds every model under a ZeRO-3 config inside deepspeed.zero.Init, a collective
@@ -187,7 +194,7 @@ def gathered_model(accelerator: Any, model: Any, recipe: Recipe, probe_batch: di
     unset_hf_deepspeed_config()
     if not accelerator.is_main_process:
         return None
-    plain = make_trainable(load_base(recipe), recipe)
+    plain = make_trainable(load_base(recipe), recipe).to(trained_dtype)
     result = plain.load_state_dict(state_dict, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise UserError(
@@ -197,7 +204,7 @@ def gathered_model(accelerator: Any, model: Any, recipe: Recipe, probe_batch: di
     del state_dict
     # DeepSpeed runs the model in the mixed-precision dtype itself (no autocast), so the copy's
     # logits match to that dtype's tolerance.
-    compute_dtype = DTYPES[recipe.model.dtype] if recipe.train.mixed_precision == "no" else torch.bfloat16
+    compute_dtype = trained_dtype if recipe.train.mixed_precision == "no" else torch.bfloat16
     tolerance = logit_tolerance(compute_dtype, recipe.model.quantization is not None)
     got = logits_on(plain, probe_batch)
     names = ("the weights gathered from the ZeRO-3 shards", "the trained model")
@@ -208,6 +215,44 @@ def gathered_model(accelerator: Any, model: Any, recipe: Recipe, probe_batch: di
             f"model's (> {tolerance:.0e}); nothing was saved"
         )
     return plain
+
+
+def gather_trainable(accelerator: Any, model: Any) -> dict[str, torch.Tensor]:
+    """Under ZeRO-3, the whole values of the trainable parameters (adapter, modules to save, a new
+    head) on the main process, one parameter gathered at a time; an empty dict on other processes.
+
+    Every process must call this (each gather is a collective). The frozen base is never gathered:
+    an adapter's save needs only what training changed.
+    """
+    import deepspeed
+
+    gathered: dict[str, torch.Tensor] = {}
+    for name, param in accelerator.unwrap_model(model).named_parameters():
+        if param.requires_grad:
+            with deepspeed.zero.GatheredParameters([param]):
+                if accelerator.is_main_process:
+                    gathered[name] = param.detach().cpu().clone()
+    return gathered
+
+
+def scatter_trainable(accelerator: Any, model: Any, values: dict[str, torch.Tensor]) -> None:
+    """Under ZeRO-3, set the trainable parameters to `values` (read on the main process only) in every
+    process's slices. Every process must call this."""
+    import deepspeed
+
+    for name, param in accelerator.unwrap_model(model).named_parameters():
+        if param.requires_grad:
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0), torch.no_grad():
+                if accelerator.is_main_process:
+                    param.copy_(values[name].to(param.dtype))
+
+
+def agree_on_failure(accelerator: Any, failure: str | None) -> bool:
+    """Whether any process failed (every process must call this, and they all get the same answer)."""
+    flag = torch.tensor([int(failure is not None)], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, reduction="sum")
+    return bool(flag[0] > 0)
 
 
 def checkpoint_save_kwargs(accelerator: Any) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -130,7 +132,7 @@ def load_model(
         torch.manual_seed(RANDOM_INIT_SEED)
         model = _load_weights(cfg, task.model_class(), device_map, labels)
     model.config.use_cache = False  # the KV cache only costs memory during training
-    if cfg.quantization is not None and cfg.quantization.compute_dtype != "bf16":
+    if cfg.quantization is not None:
         keep_4bit_compute_dtype(model)
     return model
 
@@ -173,7 +175,39 @@ def _load_weights(cfg: ModelConfig, model_class: Any, device_map: Any, labels: l
 
         if not is_deepspeed_zero3_enabled():  # ZeRO-3 places (and splits) the weights itself
             kwargs["device_map"] = device_map if device_map is not None else _default_device()
-    return model_class.from_pretrained(cfg.name_or_path, **kwargs)
+    with _zero3_builds_in(DTYPES[cfg.dtype]):
+        return model_class.from_pretrained(cfg.name_or_path, **kwargs)
+
+
+@contextlib.contextmanager
+def _zero3_builds_in(dtype: torch.dtype) -> Iterator[None]:
+    """Under ZeRO-3, transformers builds the model inside DeepSpeed's zero.Init, which casts every
+    weight to the DeepSpeed config's precision: fp32 when it enables neither bf16 nor fp16
+    (`train.mixed_precision: no`). A bf16 base was then held and trained in fp32: twice its memory
+    per process, and another computation than the same recipe on one process. Its section for the
+    model's dtype is enabled while the model is built, so the weights stay in `model.dtype`; the
+    engine's own precision settings are untouched (adapters stay fp32, as on one process)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    key = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype)
+    if key is None or not is_deepspeed_zero3_enabled():
+        yield
+        return
+    from transformers.integrations.deepspeed import deepspeed_config
+
+    config = deepspeed_config()
+    if any(str(config.get(k, {}).get("enabled", False)).lower() == "true" for k in ("bf16", "fp16")):
+        yield  # the config sets a precision already: zero.Init builds in it
+        return
+    before = config.get(key)
+    config[key] = {"enabled": True}
+    try:
+        yield
+    finally:
+        if before is None:
+            config.pop(key)
+        else:
+            config[key] = before
 
 
 def load_base(recipe: Recipe, device_map: Any = None) -> Any:

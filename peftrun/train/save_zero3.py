@@ -1,0 +1,133 @@
+"""The final save of an adapter under ZeRO-3: only the trainable tensors are gathered, and the check runs
+on the sharded model itself with every process taking part (no full copy of the base on any process)."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftrun.dist.accelerator import agree_on_failure, gather_trainable, scatter_trainable
+from peftrun.model.methods import MAY_ZERO_TENSORS
+from peftrun.recipe.schema import Recipe
+from peftrun.run.outputs import RESOLVED_RECIPE
+from peftrun.run.verify import (
+    LogitDiff,
+    VerificationError,
+    check_adapter_config,
+    check_tensors,
+    logit_diff,
+    logits_dtype,
+    logits_on,
+    probe_rows,
+    read_saved_tensors,
+    same_kernels_tolerance,
+)
+from peftrun.staging import staged_dir
+
+
+def write_artefact(
+    unwrapped: Any,
+    processor: Any,
+    recipe: Recipe,
+    tmp: Path,
+    initial_adapter: Path | None = None,
+    **save: Any,
+) -> None:
+    """The model, its tokenizer (or image processor) and the resolved recipe, into a staged directory."""
+    _base_config(unwrapped).use_cache = True  # off for training only; generation wants it
+    if initial_adapter is not None:
+        save["path_initial_model_for_weight_conversion"] = str(initial_adapter)
+    unwrapped.save_pretrained(tmp, safe_serialization=True, **save)
+    _base_config(unwrapped).use_cache = False
+    processor.save_pretrained(tmp)  # the tokenizer, or the image processor
+    shutil.copy(recipe.output_dir / RESOLVED_RECIPE, tmp / RESOLVED_RECIPE)
+
+
+def _base_config(model: Any) -> Any:
+    return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+
+
+class _Unpublished(Exception):
+    """Leaves a staged directory without publishing it."""
+
+
+def _write_sharded_adapter(
+    unwrapped: Any,
+    processor: Any,
+    recipe: Recipe,
+    tmp: Path,
+    trained: dict[str, torch.Tensor],
+    swapped: dict[str, torch.Tensor],
+) -> int:
+    """Main process, ZeRO-3: write the adapter from the gathered trainable tensors and check the files
+    against them; fills `swapped` with the saved values under the model's parameter names."""
+    from peft import get_peft_model_state_dict
+
+    write_artefact(unwrapped, processor, recipe, tmp, state_dict=trained)
+    # peft renames (drops the adapter name) but keeps the tensors: their ids map saved names back.
+    renamed = get_peft_model_state_dict(unwrapped, state_dict=trained)
+    tensors = check_tensors(
+        tmp,
+        unwrapped,
+        expected=(renamed, set(renamed)),
+        each_nonzero=recipe.method.kind not in MAY_ZERO_TENSORS,
+    )
+    check_adapter_config(tmp, unwrapped)
+    saved = read_saved_tensors(tmp)
+    full_name = {id(tensor): name for name, tensor in trained.items()}
+    swapped.update({full_name[id(tensor)]: saved[key] for key, tensor in renamed.items()})
+    return tensors
+
+
+def save_sharded_adapter(
+    accelerator: Any,
+    model: Any,
+    processor: Any,
+    recipe: Recipe,
+    probe_batch: dict[str, torch.Tensor],
+    final: Path,
+) -> str | None:
+    """An adapter's save under ZeRO-3: only the trainable tensors are gathered (to the main process),
+    and the logits check runs on the sharded model itself with every process taking part: the trained
+    logits, then the saved tensors swapped into the model, the logits again, then the trained values
+    back. The same kernels run both forwards. Returns the check's failure, if any."""
+    unwrapped = accelerator.unwrap_model(model)
+    main = accelerator.is_main_process
+    trained = gather_trainable(accelerator, model)  # empty on other processes
+    samples = probe_rows(probe_batch)
+    expected = [logits_on(model, sample) for sample in samples]
+    failure: str | None = None
+    report = ""
+    try:
+        with staged_dir(final) if main else contextlib.nullcontext(final) as tmp:
+            swapped: dict[str, torch.Tensor] = {}
+            if main:
+                try:
+                    tensors = _write_sharded_adapter(unwrapped, processor, recipe, tmp, trained, swapped)
+                except VerificationError as exc:
+                    failure = str(exc)
+            if not agree_on_failure(accelerator, failure):
+                scatter_trainable(accelerator, model, swapped)
+                found = LogitDiff(0.0, 0.0)
+                for sample, trained_logits in zip(samples, expected, strict=True):
+                    found = found.worst(logit_diff(trained_logits, logits_on(model, sample)))
+                scatter_trainable(accelerator, model, trained)
+                tolerance = same_kernels_tolerance(logits_dtype(unwrapped))
+                report = f"{tensors if main else 0} tensors verified, saved tensors in the sharded model: logits max rel diff {found.max_rel:.1e} (tol {tolerance:.0e})"
+                if main and not found.max_rel <= tolerance:
+                    failure = (
+                        f"the saved tensors swapped into the sharded model give logits {found.max_rel:.3e} "
+                        f"away from the trained ones (> {tolerance:.0e})"
+                    )
+            if main and failure is not None:
+                raise _Unpublished  # leaves staged_dir with an error: what was written is removed
+    except _Unpublished:
+        pass
+    if failure is None:
+        accelerator.print(f"[peftrun] saved {final}: {report}")
+    accelerator.wait_for_everyone()
+    return failure
