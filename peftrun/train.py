@@ -18,8 +18,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from peftrun.artefact import checkpoint_writer, save_processor
 from peftrun.checkpoint import (
     TrainerState,
+    best_checkpoint,
     load_checkpoint,
     register_trainable_only_hooks,
     resolve_resume,
@@ -194,6 +196,13 @@ def train(recipe: Recipe) -> RunResult:
         f"x micro {micro} x accumulation {accumulation}"
     )
 
+    # Each checkpoint is also a loadable adapter/model directory (see artefact.py).
+    checkpoint_options: dict[str, Any] = {
+        "keep_last": recipe.checkpoint.keep_last,
+        "keep_best": recipe.checkpoint.keep_best,
+        "write_artefact": checkpoint_writer(accelerator, model, processor, recipe, initial_adapter),
+    }
+
     # ---- the loop ------------------------------------------------------------------------------------
     stop.install()
     stopping = requeue = False  # decided by all processes together, at a step boundary
@@ -251,8 +260,9 @@ def train(recipe: Recipe) -> RunResult:
                 and state.step % recipe.eval.every_steps == 0
             ):
                 eval_loss = _eval_and_log(accelerator, model, eval_loader, task, recipe, state.step, metrics)
+                state.eval_loss, state.eval_step = eval_loss, state.step
             if recipe.checkpoint.every_steps and state.step % recipe.checkpoint.every_steps == 0:
-                save_checkpoint(accelerator, out, state, recipe.checkpoint.keep_last)
+                save_checkpoint(accelerator, out, state, **checkpoint_options)
             # Every process must stop at the same step, or the next collective hangs.
             stopping, requeue = _agree_to_stop(accelerator, stop)
             if state.step >= total_steps or stopping:
@@ -266,7 +276,7 @@ def train(recipe: Recipe) -> RunResult:
     # `stopping`, not `stop.requested`: a signal that lands after the last agreement reached only some
     # processes. A stop at the last step just finishes.
     if stopping and state.step < total_steps:
-        path = save_checkpoint(accelerator, out, state, recipe.checkpoint.keep_last)
+        path = save_checkpoint(accelerator, out, state, **checkpoint_options)
         say(f"[peftrun] stopped by {stop.signal_name} at step {state.step}; checkpoint {path}")
         if not requeue:
             say(f"[peftrun] continue with: peftrun train <recipe> train.resume=auto (output_dir {out})")
@@ -277,8 +287,9 @@ def train(recipe: Recipe) -> RunResult:
     evaluated_last_step = bool(recipe.eval.every_steps) and state.step % (recipe.eval.every_steps or 1) == 0
     if eval_loader is not None and recipe.eval.at_end and not (evaluated_last_step and losses):
         eval_loss = _eval_and_log(accelerator, model, eval_loader, task, recipe, state.step, metrics)
+        state.eval_loss, state.eval_step = eval_loss, state.step
     if recipe.checkpoint.at_end and losses:
-        save_checkpoint(accelerator, out, state, recipe.checkpoint.keep_last)
+        save_checkpoint(accelerator, out, state, **checkpoint_options)
     final_dir = save_final(accelerator, model, processor, recipe, probe_batch, initial_adapter)
     if accelerator.is_main_process:
         if recipe.logging.plot:
@@ -294,6 +305,7 @@ def train(recipe: Recipe) -> RunResult:
             total_parameters=total,
             final_train_loss=state.last_loss,
             final_eval_loss=eval_loss,
+            best_checkpoint=_relative(best_checkpoint(out), out) if recipe.checkpoint.keep_best else None,
             data=asdict(data.report),
         )
     accelerator.end_training()
@@ -479,7 +491,9 @@ def save_final(
             )
             unwrapped.save_pretrained(tmp, safe_serialization=True, **convert)
             _base_config(unwrapped).use_cache = False
-            processor.save_pretrained(tmp)  # the tokenizer, or the image processor
+            save_processor(
+                processor, recipe, tmp
+            )  # tokenizer (with the trained chat template) or image processor
             shutil.copy(out / RESOLVED_RECIPE, tmp / RESOLVED_RECIPE)
             try:
                 # A converted adapter has rank 2r: its values are checked through the logits below.
@@ -566,6 +580,10 @@ def _progress_bar(enabled: bool, total: int, initial: int) -> Any:
         dynamic_ncols=True,
         mininterval=interval,
     )
+
+
+def _relative(path: Path | None, root: Path) -> str | None:
+    return None if path is None else str(path.relative_to(root))
 
 
 def _cache_dir() -> Path:

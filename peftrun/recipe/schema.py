@@ -252,6 +252,11 @@ class CheckpointConfig(Section):
     at_end: bool = Field(
         True, description="Write a checkpoint after the last step (so `resume` can extend it)."
     )
+    keep_best: bool = Field(
+        False,
+        description="Also keep the checkpoint with the lowest eval loss (measured at its step) through "
+        "the keep_last rotation; manifest.json names it as best_checkpoint.",
+    )
 
 
 class LoggingConfig(Section):
