@@ -28,7 +28,7 @@ from peftrun.merge.sources import (
 from peftrun.staging import staged_dir
 from peftrun.verify import ADAPTER_WEIGHTS
 
-FORMATS = ("adapter", "merged")
+FORMATS = ("adapter", "merged", "gguf")
 
 
 def inputs_for(source: str, base: str | None) -> MergeInputs:
@@ -134,6 +134,13 @@ def _combine_command(args: argparse.Namespace) -> int:
 
 
 def export_command(args: argparse.Namespace) -> int:
+    from peftrun.model_card import publish_export
+
+    if args.format == "gguf":  # also takes a merged directory, which has no adapter inputs
+        from peftrun.gguf_export import export_gguf
+
+        publish_export(args, export_gguf(args))
+        return 0
     inputs = inputs_for(args.run, args.base)
     out = Path(args.out)
     if args.format == "merged":
@@ -141,6 +148,7 @@ def export_command(args: argparse.Namespace) -> int:
     else:
         export_adapter(inputs, out, args.overwrite)
         print(f"[peftrun] exported the adapter of {args.run} to {out} (base: {inputs.base})")
+    publish_export(args, inputs.base)
     return 0
 
 

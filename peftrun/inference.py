@@ -100,8 +100,13 @@ def evaluate_run(
 def predict_run(run_dir: str | Path, data_path: str, out_path: str | Path) -> int:
     """Write one JSON line per row of `data_path` (labels not needed): the predicted class with its
     probability and every class's (classifiers), or the text with its [MASK] tokens filled (masked_lm).
-    Returns the number of rows written."""
+    Returns the number of rows written. Causal-LM runs generate (see generate.py): the row's prompt,
+    conversation (a last assistant turn is dropped) or instruction is answered greedily."""
     _check_file(data_path)
+    if _run_task(run_dir) == "causal_lm":
+        from peftrun.generate import GenerationSettings, generate_file
+
+        return generate_file(str(run_dir), data_path, str(out_path), GenerationSettings())
     run = LoadedRun(run_dir)
     if not run.task.classifier and run.recipe.task != "masked_lm":
         raise UserError(
@@ -132,6 +137,14 @@ def predict_run(run_dir: str | Path, data_path: str, out_path: str | Path) -> in
     with staged_file(Path(out_path)) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
     return len(records)
+
+
+def _run_task(run_dir: str | Path) -> str | None:
+    from peftrun.recipe.load import load_recipe
+    from peftrun.train import FINAL_DIR
+
+    path = Path(run_dir) / FINAL_DIR / RESOLVED_RECIPE
+    return load_recipe(path).task if path.is_file() else None
 
 
 def _fill_masks(run: LoadedRun, dataset: Any) -> list[dict[str, Any]]:
