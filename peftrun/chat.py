@@ -89,8 +89,9 @@ def run_chat(
     system: str | None = None,
     prompt: str | None = None,
     read: Callable[[str], str] = input,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
 ) -> int:
+    out = out if out is not None else sys.stdout  # looked up now: tests and callers may replace it
     conversation = Conversation(loaded, system)
     if prompt is not None:
         stream_answer(loaded, conversation.prompt_ids(prompt), settings, out)
