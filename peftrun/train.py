@@ -32,6 +32,7 @@ from peftrun.cpu_memory import keep_freed_memory
 from peftrun.data.sampling import EpochShuffle, LengthGroupedShuffle
 from peftrun.dist import gathered_model, make_accelerator, prepare_scheduler
 from peftrun.errors import UserError
+from peftrun.eval_samples import EvalSamples, eval_samples_for, log_samples
 from peftrun.methods import (
     MAY_ZERO_TENSORS,
     after_optimizer_step,
@@ -196,6 +197,7 @@ def train(recipe: Recipe) -> RunResult:
         f"x micro {micro} x accumulation {accumulation}"
     )
 
+    samples = eval_samples_for(recipe, processor, accelerator)
     # Each checkpoint is also a loadable adapter/model directory (see artefact.py).
     checkpoint_options: dict[str, Any] = {
         "keep_last": recipe.checkpoint.keep_last,
@@ -259,7 +261,9 @@ def train(recipe: Recipe) -> RunResult:
                 and recipe.eval.every_steps
                 and state.step % recipe.eval.every_steps == 0
             ):
-                eval_loss = _eval_and_log(accelerator, model, eval_loader, task, recipe, state.step, metrics)
+                eval_loss = _eval_and_log(
+                    accelerator, model, eval_loader, task, recipe, state.step, metrics, samples
+                )
                 state.eval_loss, state.eval_step = eval_loss, state.step
             if recipe.checkpoint.every_steps and state.step % recipe.checkpoint.every_steps == 0:
                 save_checkpoint(accelerator, out, state, **checkpoint_options)
@@ -286,7 +290,7 @@ def train(recipe: Recipe) -> RunResult:
         return RunResult(out, None, state.step, losses, eval_loss, stopped_by=stop.signal_name)
     evaluated_last_step = bool(recipe.eval.every_steps) and state.step % (recipe.eval.every_steps or 1) == 0
     if eval_loader is not None and recipe.eval.at_end and not (evaluated_last_step and losses):
-        eval_loss = _eval_and_log(accelerator, model, eval_loader, task, recipe, state.step, metrics)
+        eval_loss = _eval_and_log(accelerator, model, eval_loader, task, recipe, state.step, metrics, samples)
         state.eval_loss, state.eval_step = eval_loss, state.step
     if recipe.checkpoint.at_end and losses:
         save_checkpoint(accelerator, out, state, **checkpoint_options)
@@ -455,9 +459,14 @@ def _eval_and_log(
     recipe: Recipe,
     step: int,
     metrics: MetricsLog | None,
+    samples: EvalSamples | None = None,
 ) -> float:
     result = evaluate(accelerator, model, loader, task, recipe.eval.max_batches, recipe.data.labels)
-    _log(accelerator, metrics, {"step": step, **{f"eval_{k}": v for k, v in result.items()}})
+    record = {"step": step, **{f"eval_{k}": v for k, v in result.items()}}
+    if samples is not None:  # the main process only; the others do not wait on it in a collective
+        record["eval_samples"] = samples.answers(accelerator.unwrap_model(model))
+        log_samples(accelerator, record["eval_samples"], step)
+    _log(accelerator, metrics, record)
     accelerator.print(f"[peftrun] step {step}: eval {eval_summary(result)}")
     return float(result["loss"])
 

@@ -242,6 +242,11 @@ class EvalConfig(Section):
         None, gt=0, description="Eval micro-batch size (default: train.micro_batch_size)."
     )
     max_batches: int | None = Field(None, gt=0, description="Cap the number of eval batches.")
+    generate: list[str] | str | None = Field(
+        None,
+        description="causal_lm: prompts (a list, or a .jsonl file as `peftrun generate` reads) answered "
+        "greedily at every evaluation; logged to metrics.jsonl (eval_samples) and TensorBoard.",
+    )
 
 
 class CheckpointConfig(Section):
