@@ -44,5 +44,5 @@ def test_samples_need_a_causal_lm(write_recipe: Any, classification_file: Path) 
         data={"path": str(classification_file), "format": "classification"},
         eval={"generate": ["x"]},
     )
-    with pytest.raises(UserError, match="eval.generate: only for causal_lm"):
+    with pytest.raises(UserError, match=r"eval\.generate: only for causal_lm"):
         train(load_recipe(recipe))
