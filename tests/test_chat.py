@@ -33,6 +33,23 @@ def test_checkpoint_directory_chats(demo_run: Path, capsys: pytest.CaptureFixtur
     assert capsys.readouterr().out.strip() == expected
 
 
+def test_conversation_keeps_history_until_reset(demo_run: Path) -> None:
+    from peftrun.chat import Conversation
+    from peftrun.generate import load_for_generation
+
+    loaded = load_for_generation(demo_run)
+    conversation = Conversation(loaded, system="Be brief.")
+    conversation.prompt_ids("Reverse the digits. 12")
+    conversation.answered("21")
+    second = loaded.tokenizer.decode(conversation.prompt_ids("Reverse the digits. 34"))
+    assert second == (
+        "<s><|system|>Be brief.<|end|><|user|>Reverse the digits. 12<|end|><|assistant|>21<|end|>"
+        "<|user|>Reverse the digits. 34<|end|><|assistant|>"
+    )
+    conversation.reset()
+    assert conversation.messages == [{"role": "system", "content": "Be brief."}]
+
+
 class Terminal:
     """A child process on a pseudo-terminal: what a user at a shell would see and type."""
 
@@ -72,10 +89,11 @@ def test_interactive_session_in_a_terminal(demo_run: Path) -> None:
             term.type(question[-1]["content"])
             shown = term.read_until(">>> ")
             assert expected in shown.split("\n", 1)[1], shown  # the line after the echoed input
-        term.type("/reset")
-        assert "conversation cleared" in term.read_until(">>> ")
-        term.type(rows[2][0][-1]["content"])
-        assert rows[2][1] in term.read_until(">>> ")
+            # The demo trained on one-turn conversations: each question in a fresh one.
+            term.type("/reset")
+            assert "conversation cleared" in term.read_until(">>> ")
+        term.type("/nonsense")
+        assert "unknown command /nonsense" in term.read_until(">>> ")
         term.type("/exit")
         assert term.process.wait(timeout=60) == 0
     finally:
