@@ -292,4 +292,4 @@ def _stop_strings(model_dir: Path) -> list[str]:
     from peftrun.generate import stop_token_ids
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return [tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer)]
+    return [str(tokenizer.convert_ids_to_tokens(i)) for i in stop_token_ids(tokenizer)]
