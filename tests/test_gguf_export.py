@@ -81,7 +81,8 @@ def check_against_llama_cpp(model_dir: Path, gguf_file: Path) -> dict[str, Any]:
     assert template == tokenizer.chat_template
     formatter = Jinja2ChatFormatter(template, tokenizer.eos_token, tokenizer.bos_token or "")
     texts = [
-        tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in CONVERSATIONS
+        str(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False))
+        for c in CONVERSATIONS
     ]
     for conversation, text in zip(CONVERSATIONS, texts, strict=True):
         assert formatter(messages=conversation).prompt == text  # the template round-trips
