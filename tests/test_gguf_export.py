@@ -23,7 +23,7 @@ from peftrun.generate import encode_prompt, stop_token_ids  # noqa: E402
 from peftrun.gguf_export import write_gguf  # noqa: E402
 
 NEW_TOKENS = 12
-CONVERSATIONS = [
+CONVERSATIONS: list[list[Any]] = [
     [{"role": "user", "content": "Reverse the digits. 90210"}],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Reverse the digits. 7"}],
     [
