@@ -241,7 +241,7 @@ def states_worker(model_dir: str, method: str, out: Path, micro: int, seq: int) 
 
     from peftrun.dist.accelerator import is_deepspeed, make_accelerator
     from peftrun.model.load import load_base, make_trainable
-    from peftrun.train.loop import build_optimizer
+    from peftrun.train.optim import build_optimizer
 
     recipe = recipe_for(model_dir, method, micro, seq, 2)
     accelerator = make_accelerator(recipe, log_with=[])

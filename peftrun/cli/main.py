@@ -28,6 +28,8 @@ SUBCOMMANDS = (
     "predict",
     "merge",
     "export",
+    "generate",
+    "chat",
 )
 # `peftrun slurm` flags: shorthands for slurm.* recipe keys (same validation, same messages).
 SLURM_FLAGS = {
@@ -101,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--kind", help="with section 'method': list the options of this adapter (e.g. lora)")
     keys.add_argument("--markdown", action="store_true", help="print the whole reference as Markdown")
     _add_merge_commands(sub)
+    from peftrun.cli.use import add_use_commands
+
+    add_use_commands(sub)
     return parser
 
 
@@ -172,9 +177,12 @@ def _add_merge_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     merge.add_argument("--seed", type=int, default=0, help="seed of DARE's random pruning")
     export = sub.add_parser("export", help="export a run: the clean adapter, or the merged model")
     export.add_argument("run", help="run directory (or adapter directory with --base)")
-    export.add_argument("--format", choices=FORMATS, default="adapter", help="adapter | merged")
+    export.add_argument("--format", choices=FORMATS, default="adapter", help=" | ".join(FORMATS))
     export.add_argument("--out", required=True, help="output directory")
     add_merge_options(export)
+    from peftrun.cli.use import add_publish_options
+
+    add_publish_options(export)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -232,6 +240,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         run_demo(args.overrides)
         return 0
 
+    if args.command in ("generate", "chat"):
+        _quiet_libraries()
+        from peftrun.cli.use import run_use_command
+
+        return run_use_command(args)
     if args.command in ("eval", "predict"):
         _quiet_libraries()
         return _run_inference(args)

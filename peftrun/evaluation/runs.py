@@ -101,8 +101,13 @@ def evaluate_run(
 def predict_run(run_dir: str | Path, data_path: str, out_path: str | Path) -> int:
     """Write one JSON line per row of `data_path` (labels not needed): the predicted class with its
     probability and every class's (classifiers), or the text with its [MASK] tokens filled (masked_lm).
-    Returns the number of rows written."""
+    Returns the number of rows written. Causal-LM runs generate (see generate.py): the row's prompt,
+    conversation (a last assistant turn is dropped) or instruction is answered greedily."""
     _check_file(data_path)
+    if _run_task(run_dir) == "causal_lm":
+        from peftrun.use.generate import GenerationSettings, generate_file
+
+        return generate_file(str(run_dir), data_path, str(out_path), GenerationSettings())
     run = LoadedRun(run_dir)
     if run.task.traits.predicts is None:
         raise UserError(
@@ -116,6 +121,13 @@ def predict_run(run_dir: str | Path, data_path: str, out_path: str | Path) -> in
     with staged_file(Path(out_path)) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
     return len(records)
+
+
+def _run_task(run_dir: str | Path) -> str | None:
+    from peftrun.recipe.load import load_recipe
+
+    path = final_dir(Path(run_dir)) / RESOLVED_RECIPE
+    return load_recipe(path).task if path.is_file() else None
 
 
 def _classify(run: LoadedRun, cfg: DataConfig, dataset: Any) -> list[dict[str, Any]]:

@@ -31,7 +31,7 @@ from peftrun.merge.spec import DEFAULT_MAX_SHARD_SIZE, MergeSpec, spec_from_args
 from peftrun.run.verify import ADAPTER_WEIGHTS
 from peftrun.staging import staged_dir
 
-FORMATS = ("adapter", "merged")
+FORMATS = ("adapter", "merged", "gguf")
 
 
 def inputs_for(source: str, base: str | None) -> MergeInputs:
@@ -133,6 +133,13 @@ def _combine(spec: MergeSpec, sources: list[str]) -> int:
 
 
 def export_command(args: argparse.Namespace) -> int:
+    from peftrun.merge.model_card import publish_export
+
+    if args.format == "gguf":  # also takes a merged directory, which has no adapter inputs
+        from peftrun.merge.gguf import export_gguf
+
+        publish_export(args, export_gguf(args))
+        return 0
     spec = spec_from_args(args)  # the merge settings; `run` and `format` are export's own
     inputs = inputs_for(args.run, spec.base)
     out = Path(args.out)
@@ -141,6 +148,7 @@ def export_command(args: argparse.Namespace) -> int:
     else:
         export_adapter(inputs, out, spec.overwrite)
         print(f"[peftrun] exported the adapter of {args.run} to {out} (base: {inputs.base})")
+    publish_export(args, inputs.base)
     return 0
 
 

@@ -318,6 +318,11 @@ class EvalConfig(Section):
         None, gt=0, description="Eval micro-batch size (default: train.micro_batch_size)."
     )
     max_batches: int | None = Field(None, gt=0, description="Cap the number of eval batches.")
+    generate: list[str] | str | None = Field(
+        None,
+        description="causal_lm: prompts (a list, or a .jsonl file as `peftrun generate` reads) answered "
+        "greedily at every evaluation; logged to metrics.jsonl (eval_samples) and TensorBoard.",
+    )
 
 
 class CheckpointConfig(Section):
@@ -327,6 +332,11 @@ class CheckpointConfig(Section):
     keep_last: int = Field(2, gt=0, description="Keep only the newest K checkpoints.")
     at_end: bool = Field(
         True, description="Write a checkpoint after the last step (so `resume` can extend it)."
+    )
+    keep_best: bool = Field(
+        False,
+        description="Also keep the checkpoint with the lowest eval loss (measured at its step) through "
+        "the keep_last rotation; manifest.json names it as best_checkpoint.",
     )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,8 @@ class TrainerState:
     tokens_seen: int = 0  # supervised tokens over all processes
     last_loss: float | None = None
     history: list[dict[str, float]] = field(default_factory=list)
+    eval_loss: float | None = None  # the latest evaluation's loss, taken at eval_step
+    eval_step: int | None = None
 
 
 def checkpoint_root(output_dir: Path) -> Path:
@@ -109,8 +112,30 @@ def register_trainable_only_hooks(accelerator: Any) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def save_checkpoint(accelerator: Any, output_dir: Path, state: TrainerState, keep_last: int) -> Path:
-    """Every process calls this (DeepSpeed saves its shards from each); the main process publishes it."""
+def best_checkpoint(output_dir: Path) -> Path | None:
+    """The complete checkpoint with the lowest eval loss measured at its own step (None if none has one)."""
+    scored = []
+    for path in complete_checkpoints(output_dir):
+        saved = json.loads((path / STATE_FILE).read_text())
+        if saved.get("eval_loss") is not None and saved.get("eval_step") == saved["step"]:
+            scored.append((saved["eval_loss"], saved["step"], path))
+    return min(scored)[2] if scored else None
+
+
+def save_checkpoint(
+    accelerator: Any,
+    output_dir: Path,
+    state: TrainerState,
+    keep_last: int,
+    keep_best: bool = False,
+    write_artefact: Callable[[Path], None] | None = None,
+) -> Path:
+    """Every process calls this (DeepSpeed saves its shards from each); the main process publishes it.
+
+    `write_artefact(directory)`, called on the main process, adds the loadable model (adapter or
+    transformers checkpoint) beside the resume state. With `keep_best` the rotation to the newest
+    `keep_last` spares the checkpoint with the best eval loss.
+    """
     root = checkpoint_root(output_dir)
     final = root / f"step-{state.step:08d}"
     tmp = root / f".tmp-step-{state.step:08d}"
@@ -121,11 +146,15 @@ def save_checkpoint(accelerator: Any, output_dir: Path, state: TrainerState, kee
     accelerator.save_state(str(tmp), safe_serialization=True, **checkpoint_save_kwargs(accelerator))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if write_artefact is not None:
+            write_artefact(tmp)
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
         _fsync_tree(tmp)
         publish(tmp, final)  # over a same-step checkpoint when a signal comes right after a periodic save
+        best = best_checkpoint(output_dir) if keep_best else None
         for old in complete_checkpoints(output_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != best:
+                shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 

@@ -18,9 +18,11 @@ import torch
 
 from peftrun.dist.signals import SCHEDULER_SIGNALS, StopRequest, requeue_slurm_job
 from peftrun.evaluation.evaluate import eval_summary, evaluate
+from peftrun.evaluation.samples import log_samples
 from peftrun.model.methods import after_optimizer_step
 from peftrun.model.tasks import Task
 from peftrun.recipe.schema import Recipe, TrainConfig
+from peftrun.run.artefact import checkpoint_writer
 from peftrun.train.checkpoint import save_checkpoint
 from peftrun.train.preflight import preflight
 from peftrun.train.save import write_outputs
@@ -56,7 +58,7 @@ def train(recipe: Recipe) -> RunResult:
     if run.eval_loader is not None and run.recipe.eval.at_end and not (evaluated_last_step and run.losses):
         run.eval_loss = _eval_and_log(run)
     if run.recipe.checkpoint.at_end and run.losses:
-        save_checkpoint(run.accelerator, run.out, run.state, run.recipe.checkpoint.keep_last)
+        _checkpoint(run)
     final_dir = write_outputs(run)
     run.accelerator.end_training()
     return RunResult(run.out, final_dir, step, run.losses, run.eval_loss)
@@ -192,7 +194,7 @@ def _evaluate_and_checkpoint(run: Run) -> None:
     if run.eval_loader is not None and recipe.eval.every_steps and step % recipe.eval.every_steps == 0:
         run.eval_loss = _eval_and_log(run)
     if recipe.checkpoint.every_steps and step % recipe.checkpoint.every_steps == 0:
-        save_checkpoint(run.accelerator, run.out, run.state, recipe.checkpoint.keep_last)
+        _checkpoint(run)
 
 
 def _eval_and_log(run: Run) -> float:
@@ -200,9 +202,31 @@ def _eval_and_log(run: Run) -> float:
     result = evaluate(
         run.accelerator, run.model, run.eval_loader, run.task, recipe.eval.max_batches, recipe.data.labels
     )
-    _log(run, {"step": step, **{f"eval_{k}": v for k, v in result.items()}})
+    record = {"step": step, **{f"eval_{k}": v for k, v in result.items()}}
+    if run.samples is not None:  # the main process only; the others do not wait on it in a collective
+        record["eval_samples"] = run.samples.answers(run.accelerator.unwrap_model(run.model))
+        log_samples(run.accelerator, record["eval_samples"], step)
+    _log(run, record)
     run.say(f"step {step}: eval {eval_summary(result)}")
+    # keep_best ranks checkpoints by the eval loss measured at their own step
+    run.state.eval_loss, run.state.eval_step = float(result["loss"]), step
     return float(result["loss"])
+
+
+def _checkpoint(run: Run) -> Path:
+    """Resume state plus a loadable adapter/model directory (run/artefact.py), rotated to keep_last
+    (sparing the best eval loss with keep_best)."""
+    recipe = run.recipe
+    return save_checkpoint(
+        run.accelerator,
+        run.out,
+        run.state,
+        recipe.checkpoint.keep_last,
+        keep_best=recipe.checkpoint.keep_best,
+        write_artefact=checkpoint_writer(
+            run.accelerator, run.model, run.processor, recipe, run.initial_adapter
+        ),
+    )
 
 
 def _log(run: Run, record: dict[str, Any]) -> None:
@@ -226,7 +250,7 @@ def _agree_to_stop(accelerator: Any, stop: StopRequest) -> tuple[bool, bool]:
 
 def _stop_early(run: Run, stop: StopRequest, requeue: bool) -> RunResult:
     """A signalled run: a checkpoint at this step, and how it continues (a Slurm job requeues itself)."""
-    path = save_checkpoint(run.accelerator, run.out, run.state, run.recipe.checkpoint.keep_last)
+    path = _checkpoint(run)
     run.say(f"stopped by {stop.signal_name} at step {run.state.step}; checkpoint {path}")
     if not requeue:
         run.say(f"continue with: peftrun train <recipe> train.resume=auto (output_dir {run.out})")

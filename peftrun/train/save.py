@@ -13,6 +13,7 @@ from peftrun.errors import UserError
 from peftrun.model.load import DTYPES
 from peftrun.model.methods import MAY_ZERO_TENSORS, NON_ADAPTER_KINDS
 from peftrun.recipe.schema import Recipe
+from peftrun.run.artefact import write_artefact
 from peftrun.run.outputs import (
     MANIFEST_FILE,
     METRICS_FILE,
@@ -32,8 +33,8 @@ from peftrun.run.verify import (
     logit_tolerance,
 )
 from peftrun.staging import staged_dir
-from peftrun.train.checkpoint import STATE_FILE, checkpoint_root, save_checkpoint
-from peftrun.train.save_zero3 import save_sharded_adapter, write_artefact
+from peftrun.train.checkpoint import STATE_FILE, best_checkpoint, checkpoint_root, save_checkpoint
+from peftrun.train.save_zero3 import save_sharded_adapter
 from peftrun.train.setup import Run
 
 
@@ -67,6 +68,9 @@ def write_outputs(run: Run) -> Path:
             total_parameters=total,
             final_train_loss=run.state.last_loss,
             final_eval_loss=run.eval_loss,
+            best_checkpoint=_relative(best_checkpoint(run.out), run.out)
+            if run.recipe.checkpoint.keep_best
+            else None,
             data=asdict(run.data.report),
         )
     return final
@@ -162,3 +166,7 @@ def _check_artefact_logits(
     tolerance = logit_tolerance(DTYPES[recipe.model.dtype], recipe.model.quantization is not None)
     diff = check_reload(reloaded, unwrapped, probe_batch, tolerance)
     return f"reload logits max rel diff {diff:.1e} (tol {tolerance:.0e})"
+
+
+def _relative(path: Path | None, root: Path) -> str | None:
+    return None if path is None else str(path.relative_to(root))

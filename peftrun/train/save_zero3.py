@@ -4,7 +4,6 @@ on the sharded model itself with every process taking part (no full copy of the 
 from __future__ import annotations
 
 import contextlib
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ import torch
 from peftrun.dist.accelerator import agree_on_failure, gather_trainable, scatter_trainable
 from peftrun.model.methods import MAY_ZERO_TENSORS
 from peftrun.recipe.schema import Recipe
-from peftrun.run.outputs import RESOLVED_RECIPE
+from peftrun.run.artefact import write_artefact
 from peftrun.run.verify import (
     LogitDiff,
     VerificationError,
@@ -27,28 +26,6 @@ from peftrun.run.verify import (
     same_kernels_tolerance,
 )
 from peftrun.staging import staged_dir
-
-
-def write_artefact(
-    unwrapped: Any,
-    processor: Any,
-    recipe: Recipe,
-    tmp: Path,
-    initial_adapter: Path | None = None,
-    **save: Any,
-) -> None:
-    """The model, its tokenizer (or image processor) and the resolved recipe, into a staged directory."""
-    _base_config(unwrapped).use_cache = True  # off for training only; generation wants it
-    if initial_adapter is not None:
-        save["path_initial_model_for_weight_conversion"] = str(initial_adapter)
-    unwrapped.save_pretrained(tmp, safe_serialization=True, **save)
-    _base_config(unwrapped).use_cache = False
-    processor.save_pretrained(tmp)  # the tokenizer, or the image processor
-    shutil.copy(recipe.output_dir / RESOLVED_RECIPE, tmp / RESOLVED_RECIPE)
-
-
-def _base_config(model: Any) -> Any:
-    return model.get_base_model().config if hasattr(model, "get_base_model") else model.config
 
 
 class _Unpublished(Exception):

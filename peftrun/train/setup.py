@@ -20,6 +20,7 @@ from peftrun.data.sampling import EpochShuffle, LengthGroupedShuffle
 from peftrun.dist.accelerator import make_accelerator, prepare_scheduler
 from peftrun.dist.signals import slurm_restarts
 from peftrun.errors import UserError
+from peftrun.evaluation.samples import EvalSamples, eval_samples_for
 from peftrun.model.load import load_base, load_processor, make_trainable
 from peftrun.model.methods import count_parameters, mutates_base, set_total_steps
 from peftrun.model.tasks import TASKS, Task
@@ -60,6 +61,7 @@ class Run:
     metrics: MetricsLog | None  # metrics.jsonl, on the main process
     parameters: tuple[int, int]  # (trainable, total)
     cpu: CpuTuning
+    samples: EvalSamples | None = None  # eval.generate: answers written at every evaluation
     losses: list[float] = field(default_factory=list)  # per optimizer step, this invocation only
     eval_loss: float | None = None
 
@@ -112,6 +114,7 @@ def setup_run(recipe: Recipe, checks: Preflight) -> Run:
         metrics=metrics,
         parameters=parameters,
         cpu=cpu,
+        samples=eval_samples_for(recipe, processor, accelerator),
     )
     micro, accumulation = recipe.train.micro_batch_size, accelerator.gradient_accumulation_steps
     run.say(
