@@ -25,7 +25,7 @@ from peftrun.merge.sources import (
     inputs_from_run,
     is_run_dir,
 )
-from peftrun.staging import staged_dir
+from peftrun.safe_paths import check_output, check_replaceable_dir, staged_output
 from peftrun.verify import ADAPTER_WEIGHTS
 
 FORMATS = ("adapter", "merged")
@@ -44,15 +44,14 @@ def inputs_for(source: str, base: str | None) -> MergeInputs:
 
 
 def export_adapter(inputs: MergeInputs, out_dir: Path, overwrite: bool = False) -> Path:
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise UserError(f"--out: {out_dir} exists and is not empty; remove it or pass --overwrite")
+    check_replaceable_dir(out_dir, "--out", overwrite)
     config: dict[str, Any] = inputs.adapter_config
     config["base_model_name_or_path"] = inputs.base
     config["revision"] = inputs.revision
     config["inference_mode"] = True
     config["target_modules"] = short_target_modules(config.get("target_modules"), inputs)
     out_dir = out_dir.resolve()
-    with staged_dir(out_dir) as tmp:
+    with staged_output(out_dir) as tmp:
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
         shutil.copy(inputs.adapter_dir / ADAPTER_WEIGHTS, tmp / ADAPTER_WEIGHTS)
         for name in TOKENIZER_FILES:
@@ -105,6 +104,7 @@ def merge_command(args: argparse.Namespace) -> int:
             "--out: required when merging an adapter directory (a run directory defaults to RUN/merged)"
         )
     out = Path(args.out) if args.out else Path(args.source) / "merged"
+    checked_output(out, [args.source], [inputs])
     merge(inputs, out, merge_options(args))
     return 0
 
@@ -122,6 +122,7 @@ def _combine_command(args: argparse.Namespace) -> int:
     ]
     weights = args.weights if args.weights is not None else [1.0 / len(adapters)] * len(adapters)
     out = Path(args.out)
+    checked_output(out, args.adapters, adapters)
     with tempfile.TemporaryDirectory(prefix=".combined-adapter-", dir=out.resolve().parent) as tmp:
         combined = combine_adapters(
             adapters, weights, args.combination or "linear", args.density, args.svd_rank, args.seed, Path(tmp)
@@ -136,12 +137,21 @@ def _combine_command(args: argparse.Namespace) -> int:
 def export_command(args: argparse.Namespace) -> int:
     inputs = inputs_for(args.run, args.base)
     out = Path(args.out)
+    checked_output(out, [args.run], [inputs])
     if args.format == "merged":
         merge(inputs, out, merge_options(args))
     else:
         export_adapter(inputs, out, args.overwrite)
         print(f"[peftrun] exported the adapter of {args.run} to {out} (base: {inputs.base})")
     return 0
+
+
+def checked_output(out: Path, sources: list[str], inputs: list[MergeInputs]) -> Path:
+    """--out must stay clear of every directory the command reads (see safe_paths)."""
+    runs = [s for s in sources if is_run_dir(Path(s))]
+    read: list[str | Path] = [p for i in inputs for p in (i.adapter_dir, i.base_dir, i.tokenizer_source)]
+    read += [s for s in sources if s not in runs]
+    return check_output(out, "--out", inputs=read, run_dirs=runs)
 
 
 def add_merge_options(parser: argparse.ArgumentParser) -> None:
@@ -169,4 +179,6 @@ def add_merge_options(parser: argparse.ArgumentParser) -> None:
         help="QLoRA runs: merge into the NF4 weights the adapter was trained on (dequantized), or into the "
         "original weights (the verdict reports the difference to the trained model)",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace --out if it exists and peftrun wrote it"
+    )

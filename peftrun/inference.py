@@ -17,7 +17,8 @@ import torch
 from peftrun.errors import UserError
 from peftrun.outputs import RESOLVED_RECIPE
 from peftrun.recipe.schema import DataConfig, Recipe
-from peftrun.staging import staged_dir, staged_file
+from peftrun.safe_paths import check_output, check_replaceable_dir, check_replaceable_file, staged_output
+from peftrun.staging import staged_file
 from peftrun.tasks import TASKS, Task, forward_logits, model_inputs
 
 METRICS_JSON = "metrics.json"
@@ -73,6 +74,9 @@ def evaluate_run(
     from peftrun.train import _cache_dir, evaluate
 
     _check_file(data_path)
+    out = Path(out_dir) if out_dir is not None else Path(run_dir) / "eval" / Path(data_path).name
+    check_output(out, "--out", inputs=[data_path], run_dirs=[run_dir])
+    check_replaceable_dir(out, "--out", overwrite=True)  # a previous evaluation (peftrun's) is replaced
     run = LoadedRun(run_dir)
     cfg = run.data_config(data_path)
     data = run.task.prepare(cfg, run.processor, run.recipe.train.seed, _cache_dir())
@@ -84,8 +88,7 @@ def evaluate_run(
     )
     result = {"data": str(Path(data_path).resolve()), "samples": len(data.train), **result}
 
-    out = Path(out_dir) if out_dir is not None else run.run_dir / "eval" / Path(data_path).name
-    with staged_dir(out) as tmp:
+    with staged_output(out) as tmp:
         (tmp / METRICS_JSON).write_text(json.dumps(result, indent=1))
         if run.task.classifier:
             from peftrun.metrics import plot_confusion_matrix
@@ -97,11 +100,13 @@ def evaluate_run(
 
 
 @torch.no_grad()
-def predict_run(run_dir: str | Path, data_path: str, out_path: str | Path) -> int:
+def predict_run(run_dir: str | Path, data_path: str, out_path: str | Path, overwrite: bool = False) -> int:
     """Write one JSON line per row of `data_path` (labels not needed): the predicted class with its
     probability and every class's (classifiers), or the text with its [MASK] tokens filled (masked_lm).
-    Returns the number of rows written."""
+    Returns the number of rows written; an existing `out_path` is replaced only with `overwrite`."""
     _check_file(data_path)
+    check_output(out_path, "--out", inputs=[data_path], run_dirs=[run_dir])
+    check_replaceable_file(Path(out_path), "--out", overwrite)
     run = LoadedRun(run_dir)
     if not run.task.classifier and run.recipe.task != "masked_lm":
         raise UserError(

@@ -14,8 +14,13 @@ from peftrun.cpu_matmul import resolve as resolve_cpu_matmul
 from peftrun.data.sources import check_source
 from peftrun.dist import grad_accum_steps, launcher_world_size
 from peftrun.errors import UserError
+from peftrun.io_checks import check_output_dir, expected_save_bytes
 from peftrun.model import check_method_against_architecture, load_model_config
 from peftrun.recipe.schema import Recipe
+from peftrun.resume_check import check_resume_fits
+from peftrun.run_owner import check_owner
+from peftrun.safe_paths import check_output
+from peftrun.signals import slurm_restarts
 
 _OPTIONAL_PACKAGES = {"wandb": "wandb", "mlflow": "mlflow"}
 
@@ -47,11 +52,22 @@ def preflight(recipe: Recipe) -> Preflight:
         raise UserError(
             "model.quantization / train.optimizer=adamw_8bit need bitsandbytes (pip install bitsandbytes)"
         )
-    resolve_resume(recipe.output_dir, recipe.train.resume)
+    out = recipe.output_dir
+    check_output(out, "output_dir", inputs=_read_paths(recipe))
+    resume_from = resolve_resume(out, recipe.train.resume, requeued=slurm_restarts() > 0)
+    check_owner(out, resume_from, recipe.train.overwrite)
+    if resume_from is not None:
+        check_resume_fits(recipe, resume_from)
     resolve_cpu_matmul(recipe.train.cpu_matmul)  # 'onednn' in a torch without it: said before any load
     check_source(recipe.data)
     world_size = launcher_world_size()
     accumulation = grad_accum_steps(recipe, world_size)
     model_config = load_model_config(recipe.model)
     trainable, total = check_method_against_architecture(recipe, model_config)
+    check_output_dir(out, expected_save_bytes(trainable, total, recipe.method.kind in ("full", "frozen")))
     return Preflight(model_config, trainable, total, accumulation, world_size)
+
+
+def _read_paths(recipe: Recipe) -> list[str | None]:
+    """What training reads from disk (when local): output_dir must stay clear of all of it."""
+    return [recipe.model.name_or_path, recipe.model.tokenizer, recipe.data.path, recipe.data.val_path]

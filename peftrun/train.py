@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from peftrun.checkpoint import (
+    CHECKPOINTS,
     TrainerState,
     load_checkpoint,
     register_trainable_only_hooks,
@@ -30,6 +31,7 @@ from peftrun.cpu_memory import keep_freed_memory
 from peftrun.data.sampling import EpochShuffle, LengthGroupedShuffle
 from peftrun.dist import gathered_model, make_accelerator, prepare_scheduler
 from peftrun.errors import UserError
+from peftrun.io_checks import cleaning_up_on_failure, reading
 from peftrun.methods import (
     MAY_ZERO_TENSORS,
     after_optimizer_step,
@@ -50,6 +52,8 @@ from peftrun.outputs import (
 from peftrun.preflight import preflight
 from peftrun.recipe.load import recipe_to_yaml
 from peftrun.recipe.schema import Recipe, TrainConfig
+from peftrun.resume_check import pick_resume, recipe_shape
+from peftrun.run_owner import claim
 from peftrun.signals import SCHEDULER_SIGNALS, StopRequest, requeue_slurm_job, slurm_restarts
 from peftrun.staging import staged_dir
 from peftrun.tasks import TASKS, Task, forward_logits
@@ -86,8 +90,10 @@ def train(recipe: Recipe) -> RunResult:
     out = recipe.output_dir
     task = TASKS[recipe.task]
     resume_from = resolve_resume(out, recipe.train.resume, requeued=slurm_restarts() > 0)
+    if resume_from is not None:  # a damaged newest checkpoint falls back to the previous one
+        resume_from = pick_resume(resume_from, recipe.train.resume == "auto" or slurm_restarts() > 0, say)
+    run_id = claim(out, resume_from, recipe_shape(recipe), say) if accelerator.is_main_process else None
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
         (out / RESOLVED_RECIPE).write_text(recipe_to_yaml(recipe))
     for line in checks.lines():
         say(f"[peftrun] {line}")
@@ -176,7 +182,8 @@ def train(recipe: Recipe) -> RunResult:
 
     state = TrainerState()
     if resume_from is not None:
-        state = load_checkpoint(accelerator, resume_from)
+        with reading(resume_from):
+            state = load_checkpoint(accelerator, resume_from)
         say(f"[peftrun] resumed from {resume_from} at step {state.step}")
     if state.step >= total_steps:
         say(
@@ -252,7 +259,8 @@ def train(recipe: Recipe) -> RunResult:
             ):
                 eval_loss = _eval_and_log(accelerator, model, eval_loader, task, recipe, state.step, metrics)
             if recipe.checkpoint.every_steps and state.step % recipe.checkpoint.every_steps == 0:
-                save_checkpoint(accelerator, out, state, recipe.checkpoint.keep_last)
+                with cleaning_up_on_failure(out / CHECKPOINTS, "saving the checkpoint"):
+                    save_checkpoint(accelerator, out, state, recipe.checkpoint.keep_last)
             # Every process must stop at the same step, or the next collective hangs.
             stopping, requeue = _agree_to_stop(accelerator, stop)
             if state.step >= total_steps or stopping:
@@ -266,7 +274,8 @@ def train(recipe: Recipe) -> RunResult:
     # `stopping`, not `stop.requested`: a signal that lands after the last agreement reached only some
     # processes. A stop at the last step just finishes.
     if stopping and state.step < total_steps:
-        path = save_checkpoint(accelerator, out, state, recipe.checkpoint.keep_last)
+        with cleaning_up_on_failure(out / CHECKPOINTS, "saving the checkpoint"):
+            path = save_checkpoint(accelerator, out, state, recipe.checkpoint.keep_last)
         say(f"[peftrun] stopped by {stop.signal_name} at step {state.step}; checkpoint {path}")
         if not requeue:
             say(f"[peftrun] continue with: peftrun train <recipe> train.resume=auto (output_dir {out})")
@@ -278,8 +287,10 @@ def train(recipe: Recipe) -> RunResult:
     if eval_loader is not None and recipe.eval.at_end and not (evaluated_last_step and losses):
         eval_loss = _eval_and_log(accelerator, model, eval_loader, task, recipe, state.step, metrics)
     if recipe.checkpoint.at_end and losses:
-        save_checkpoint(accelerator, out, state, recipe.checkpoint.keep_last)
-    final_dir = save_final(accelerator, model, processor, recipe, probe_batch, initial_adapter)
+        with cleaning_up_on_failure(out / CHECKPOINTS, "saving the checkpoint"):
+            save_checkpoint(accelerator, out, state, recipe.checkpoint.keep_last)
+    with cleaning_up_on_failure(out, "saving the final artefact"):
+        final_dir = save_final(accelerator, model, processor, recipe, probe_batch, initial_adapter)
     if accelerator.is_main_process:
         if recipe.logging.plot:
             plot_losses(out / METRICS_FILE, out / PLOT_FILE)
@@ -287,6 +298,7 @@ def train(recipe: Recipe) -> RunResult:
             out / MANIFEST_FILE,
             recipe=RESOLVED_RECIPE,
             final=FINAL_DIR,
+            run_id=run_id,
             steps=state.step,
             world_size=accelerator.num_processes,
             matmul="onednn" if onednn else "torch",  # train.cpu_matmul as resolved on this machine

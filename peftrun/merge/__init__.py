@@ -31,7 +31,7 @@ from peftrun.merge.verdict import (
     probe_logits,
 )
 from peftrun.model import DTYPES
-from peftrun.staging import staged_dir
+from peftrun.safe_paths import check_replaceable_dir, staged_output
 from peftrun.verify import ADAPTER_WEIGHTS, logit_tolerance
 
 CHECKS = ("full", "light")
@@ -66,8 +66,7 @@ def merge(
         raise UserError(f"--check: '{options.check}' is not one of {', '.join(CHECKS)}")
     if options.qlora_base not in QLORA_BASES:
         raise UserError(f"--qlora-base: '{options.qlora_base}' is not one of {', '.join(QLORA_BASES)}")
-    if out_dir.exists() and any(out_dir.iterdir()) and not options.overwrite:
-        raise UserError(f"--out: {out_dir} exists and is not empty; remove it or pass --overwrite")
+    check_replaceable_dir(out_dir, "--out", options.overwrite)
     if not (inputs.adapter_dir / ADAPTER_WEIGHTS).is_file():
         raise UserError(f"{inputs.adapter_dir}: no {ADAPTER_WEIGHTS} (peftrun merges safetensors adapters)")
     weight_map = base_weight_map(inputs.base_dir)
@@ -102,7 +101,7 @@ def merge(
         merge_plan = "checkpoints whose tensor names differ from the model's module names"
 
     out_dir = out_dir.resolve()
-    with staged_dir(out_dir) as tmp:
+    with staged_output(out_dir) as tmp:
         if isinstance(merge_plan, MergePlan) and weight_map is not None:
             say(
                 f"[peftrun] merging {merge_plan.describe()} into {inputs.base} shard by shard "

@@ -231,6 +231,18 @@ class TrainConfig(Section):
     resume: str | None = Field(
         None, description="'auto' (newest checkpoint in output_dir, if any) or a checkpoint directory."
     )
+    overwrite: bool = Field(
+        False,
+        description="Start fresh in an output_dir that holds another run (`peftrun train --fresh`): the old "
+        "run's files are moved to OUTPUT_DIR.old-<time> beside it, never deleted. Without it such a "
+        "directory is refused unless train.resume resumes that run.",
+    )
+
+    @model_validator(mode="after")
+    def _fresh_or_resume(self) -> TrainConfig:
+        if self.overwrite and self.resume is not None:
+            raise ValueError("train.overwrite (--fresh) and train.resume both given: resume or start fresh")
+        return self
 
 
 class EvalConfig(Section):
