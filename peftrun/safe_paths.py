@@ -58,7 +58,11 @@ def check_output(
     if str(out).strip() == "":
         raise UserError(f"{flag}: empty path")
     resolved = Path(out).expanduser().resolve()
-    protected = [(Path(p).expanduser().resolve(), "input") for p in inputs if p is not None and str(p)]
+    protected = [
+        (Path(p).expanduser().resolve(), "which this command reads")
+        for p in inputs
+        if p is not None and str(p)
+    ]
     for run in run_dirs:
         run_path = Path(run).expanduser().resolve()
         relation = _relation(resolved, run_path)
@@ -68,14 +72,14 @@ def check_output(
                 "Choose another path"
             )
         protected += [
-            (run_path / name, "part of the run") for name in RUN_OWNED if (run_path / name).exists()
+            (run_path / name, f"part of the run {run}") for name in RUN_OWNED if (run_path / name).exists()
         ]
     for path, what in protected:
         relation = _relation(resolved, path)
         if relation is not None and path.exists():
             raise UserError(
-                f"{flag}: {out} {relation} {path}, {what}; an output must not touch what the command "
-                "reads. Choose another path"
+                f"{flag}: {out} {'is inside' if relation == 'sits inside' else relation} {path}, {what}; "
+                "an output must not touch what the command reads. Choose another path"
             )
     return resolved
 

@@ -33,7 +33,7 @@ REFUSED = [
     ("runs/run", "is the run directory"),
     ("runs", "contains the run directory"),
     ("runs/run/final", "part of the run"),
-    ("runs/run/final/sub", "sits inside"),
+    ("runs/run/final/sub", "is inside"),
     ("runs/run/checkpoints", "part of the run"),
     ("runs/run/metrics.jsonl", "part of the run"),
     ("data.jsonl", "is"),
