@@ -21,6 +21,7 @@ from peftrun.resume_check import check_resume_fits
 from peftrun.run_owner import check_owner
 from peftrun.safe_paths import check_output
 from peftrun.signals import slurm_restarts
+from peftrun.tasks import TASKS
 
 _OPTIONAL_PACKAGES = {"wandb": "wandb", "mlflow": "mlflow"}
 
@@ -64,6 +65,7 @@ def preflight(recipe: Recipe) -> Preflight:
     accumulation = grad_accum_steps(recipe, world_size)
     model_config = load_model_config(recipe.model)
     trainable, total = check_method_against_architecture(recipe, model_config)
+    check_against_model(recipe, model_config, trainable)
     check_output_dir(out, expected_save_bytes(trainable, total, recipe.method.kind in ("full", "frozen")))
     return Preflight(model_config, trainable, total, accumulation, world_size)
 
@@ -71,3 +73,42 @@ def preflight(recipe: Recipe) -> Preflight:
 def _read_paths(recipe: Recipe) -> list[str | None]:
     """What training reads from disk (when local): output_dir must stay clear of all of it."""
     return [recipe.model.name_or_path, recipe.model.tokenizer, recipe.data.path, recipe.data.val_path]
+
+
+# transformers' registry of the architectures that have each task's head.
+_HEAD_REGISTRIES = {
+    "causal_lm": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    "masked_lm": "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
+    "sequence_classification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+    "image_classification": "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+}
+
+
+def check_against_model(recipe: Recipe, model_config: Any, trainable: int) -> None:
+    """What training would hit late: a task head the model lacks, too few positions, nothing to train."""
+    from transformers.models.auto import modeling_auto
+
+    heads = getattr(modeling_auto, _HEAD_REGISTRIES[recipe.task], None)
+    remote = bool(getattr(model_config, "auto_map", None))  # remote code registers its own classes
+    if heads is not None and not remote and model_config.model_type not in heads:
+        raise UserError(
+            f"task: {recipe.task} needs a model with a {TASKS[recipe.task].auto_class} head; "
+            f"{recipe.model.name_or_path} is a '{model_config.model_type}' model, which has none"
+        )
+    positions = getattr(model_config, "max_position_embeddings", None) or getattr(
+        model_config, "n_positions", None
+    )
+    max_len = recipe.data.max_seq_len
+    # Learned position tables fail on the first longer sample; rotary positions extend (less well).
+    rotary = any(getattr(model_config, a, None) for a in ("rope_theta", "rope_parameters", "rotary_dim"))
+    is_text = recipe.task != "image_classification"
+    if is_text and isinstance(positions, int) and max_len > positions and not rotary:
+        raise UserError(
+            f"data.max_seq_len: {max_len} is beyond the {positions} positions of "
+            f"{recipe.model.name_or_path}; use at most {positions}"
+        )
+    if trainable == 0:
+        raise UserError(
+            f"method: nothing is trainable (kind {recipe.method.kind}, freeze {recipe.method.freeze}); "
+            "leave some parameters trainable"
+        )
