@@ -66,10 +66,19 @@ def io_error_line(exc: BaseException, where: Path | str | None = None) -> str | 
         return f"{path}: {_reason(exc)}" if path else _reason(exc)
     text = str(exc)
     if isinstance(exc, RuntimeError) and any(s in text for s in _TORCH_WRITE_FAILURES):
-        return f"{where or 'a file'}: writing failed ({text.splitlines()[0][:120]}); is the disk full?"
+        if where is not None and _nearly_full(Path(where)):
+            return f"{where}: {_REASONS[errno.ENOSPC]}"
+        return f"{where or 'a file'}: writing failed ({text.splitlines()[0][:120]})"
     if type(exc).__name__ == "SafetensorError":
         return f"{where or 'a safetensors file'}: unreadable safetensors file ({text.splitlines()[0][:160]})"
     return None
+
+
+def _nearly_full(path: Path) -> bool:
+    """torch's writer loses the OSError; a device with (almost) nothing free says what it was."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free < 16 * 2**20
 
 
 def _reason(exc: OSError) -> str:

@@ -64,6 +64,7 @@ def preflight(recipe: Recipe) -> Preflight:
     world_size = launcher_world_size()
     accumulation = grad_accum_steps(recipe, world_size)
     model_config = load_model_config(recipe.model)
+    check_task_head(recipe, model_config)
     trainable, total = check_method_against_architecture(recipe, model_config)
     check_against_model(recipe, model_config, trainable)
     check_output_dir(out, expected_save_bytes(trainable, total, recipe.method.kind in ("full", "frozen")))
@@ -84,8 +85,8 @@ _HEAD_REGISTRIES = {
 }
 
 
-def check_against_model(recipe: Recipe, model_config: Any, trainable: int) -> None:
-    """What training would hit late: a task head the model lacks, too few positions, nothing to train."""
+def check_task_head(recipe: Recipe, model_config: Any) -> None:
+    """The task's head exists for this architecture (a causal model has no masked-LM head)."""
     from transformers.models.auto import modeling_auto
 
     heads = getattr(modeling_auto, _HEAD_REGISTRIES[recipe.task], None)
@@ -95,6 +96,10 @@ def check_against_model(recipe: Recipe, model_config: Any, trainable: int) -> No
             f"task: {recipe.task} needs a model with a {TASKS[recipe.task].auto_class} head; "
             f"{recipe.model.name_or_path} is a '{model_config.model_type}' model, which has none"
         )
+
+
+def check_against_model(recipe: Recipe, model_config: Any, trainable: int) -> None:
+    """What training would hit late: too few positions for max_seq_len, nothing to train."""
     positions = getattr(model_config, "max_position_embeddings", None) or getattr(
         model_config, "n_positions", None
     )
