@@ -11,6 +11,7 @@ So checkpoints, metrics and `resume=auto` only ever see the files of the run tha
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from typing import Any
 from peftrun.checkpoint import CHECKPOINTS, complete_checkpoints
 from peftrun.errors import UserError
 from peftrun.outputs import MANIFEST_FILE, METRICS_FILE, PLOT_FILE, RESOLVED_RECIPE
+from peftrun.signals import slurm_restarts
 
 RUN_FILE = "run.json"
 # What a run writes into its directory; a fresh start moves all of them aside together.
@@ -64,6 +66,8 @@ def check_owner(out: Path, resume_from: Path | None, overwrite: bool) -> None:
         )
     if not out.is_dir() or resumes_here(out, resume_from) or overwrite:
         return
+    if _requeued_job_of(read_run_file(out)):
+        return  # this Slurm job's own first attempt, stopped before its first checkpoint
     held = held_results(out)
     if held:
         owner = read_run_file(out).get("run_id", "without a run id")
@@ -81,17 +85,28 @@ def claim(out: Path, resume_from: Path | None, shape: dict[str, Any], say: Calla
     """
     out.mkdir(parents=True, exist_ok=True)
     previous = read_run_file(out)
-    if resumes_here(out, resume_from) and previous.get("run_id"):
+    if (resumes_here(out, resume_from) or _requeued_job_of(previous)) and previous.get("run_id"):
         return str(previous["run_id"])
     if held_results(out):
         moved = move_aside(out)
         say(f"[peftrun] fresh start: the previous run in {out} was moved to {moved}")
     run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
-    record = {"run_id": run_id, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "recipe": shape}
+    record = {
+        "run_id": run_id,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "slurm_job": os.environ.get("SLURM_JOB_ID"),
+        "recipe": shape,
+    }
     tmp = out / f".tmp-{RUN_FILE}"
     tmp.write_text(json.dumps(record, indent=1))
     tmp.replace(out / RUN_FILE)
     return run_id
+
+
+def _requeued_job_of(record: dict[str, Any]) -> bool:
+    """Whether this process is a requeued Slurm job whose earlier attempt started the run in `record`."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return slurm_restarts() > 0 and job is not None and record.get("slurm_job") == job
 
 
 def move_aside(out: Path) -> Path:
