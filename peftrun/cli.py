@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -158,6 +159,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from peftrun.signals import catch_scheduler_signals
 
         catch_scheduler_signals()
+        # Each log line reaches a pipe (a Slurm job log) when printed: a step killed after a requeue
+        # would otherwise take its unflushed lines ("stopped by SIGUSR1 at step N") with it.
+        if isinstance(sys.stdout, io.TextIOWrapper):
+            sys.stdout.reconfigure(line_buffering=True)
     if args.command == "keys":
         from peftrun.recipe.docs import adapter_options_text, reference_markdown
 

@@ -281,6 +281,9 @@ def train(recipe: Recipe) -> RunResult:
             say(f"[peftrun] continue with: peftrun train <recipe> train.resume=auto (output_dir {out})")
         elif accelerator.is_main_process:  # once per job, after every process has written its part
             say(f"[peftrun] {requeue_slurm_job()}")
+        # Nobody leaves before the requeue is done and logged: srun --kill-on-bad-exit kills the whole
+        # step as soon as one node's launcher exits.
+        accelerator.wait_for_everyone()
         accelerator.end_training()
         return RunResult(out, None, state.step, losses, eval_loss, stopped_by=stop.signal_name)
     evaluated_last_step = bool(recipe.eval.every_steps) and state.step % (recipe.eval.every_steps or 1) == 0
