@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from peftrun.errors import UserError
+from peftrun.io_checks import reading
 from peftrun.outputs import RESOLVED_RECIPE
 from peftrun.recipe.schema import DataConfig, Recipe
 from peftrun.safe_paths import check_output, check_replaceable_dir, check_replaceable_file, staged_output
@@ -42,7 +43,8 @@ class LoadedRun:
         # The tokenizer/image processor saved beside the weights: the one the model was trained with.
         model_cfg = self.recipe.model.model_copy(update={"tokenizer": str(self.final)})
         self.processor = load_processor(model_cfg, self.recipe.task)
-        self.model = reload_artefact(self.final, self.recipe).eval()
+        with reading(self.final):  # a damaged artefact: one line naming it
+            self.model = reload_artefact(self.final, self.recipe).eval()
 
     def data_config(self, path: str) -> DataConfig:
         """The run's data settings (format, columns, class names, lengths) pointed at `path`."""

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from peftrun.errors import UserError, did_you_mean
+from peftrun.io_checks import reading
 from peftrun.merge.files import write_model_files
 from peftrun.merge.lora import MergePlan, plan
 from peftrun.merge.qlora import QLORA_BASES, nf4_round_trip, quantized_weight_names
@@ -88,7 +89,9 @@ def merge(
     from safetensors.torch import load_file
 
     adapter_config = inputs.adapter_config
-    merge_plan = plan(adapter_config, load_file(inputs.adapter_dir / ADAPTER_WEIGHTS), skeleton)
+    with reading(inputs.adapter_dir / ADAPTER_WEIGHTS):  # a damaged file: one line naming it
+        adapter_weights = load_file(inputs.adapter_dir / ADAPTER_WEIGHTS)
+    merge_plan = plan(adapter_config, adapter_weights, skeleton)
     if isinstance(merge_plan, MergePlan) and inputs.task.classifier:
         merge_plan = "classifiers (their new head is not in the base's files)"
     elif isinstance(merge_plan, MergePlan) and weight_map is None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from peftrun.errors import UserError
 from peftrun.hub import require_local_or_reachable
+from peftrun.io_checks import reading
 from peftrun.outputs import MANIFEST_FILE, RESOLVED_RECIPE
 from peftrun.recipe.schema import QuantizationConfig
 from peftrun.tasks import TASKS, Task
@@ -60,7 +61,8 @@ def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
     path = adapter_dir / ADAPTER_CONFIG
     if not path.is_file():
         raise UserError(f"{adapter_dir}: not a peft adapter directory (no {ADAPTER_CONFIG})")
-    config: dict[str, Any] = json.loads(path.read_text())
+    with reading(path):
+        config: dict[str, Any] = json.loads(path.read_text())
     return config
 
 
