@@ -252,10 +252,14 @@ class TrainConfig(Section):
     def _consistent(self) -> TrainConfig:
         if self.overwrite and self.resume is not None:
             raise ValueError("train.overwrite (--fresh) and train.resume both given: resume or start fresh")
-        if self.max_steps is not None and self.warmup_steps >= self.max_steps:
+        # Warmup starts at lr 0: a warmup longer than the run never reaches train.lr, and a one-step run
+        # with any warmup takes its only step at lr 0. (Equal lengths are fine: the last step ends it.)
+        if self.max_steps is not None and (
+            self.warmup_steps > self.max_steps or (self.max_steps == 1 and self.warmup_steps)
+        ):
             raise ValueError(
-                f"train.warmup_steps ({self.warmup_steps}) must be below train.max_steps ({self.max_steps}): "
-                "the run would end before its learning rate leaves warmup"
+                f"train.warmup_steps ({self.warmup_steps}) does not fit in train.max_steps ({self.max_steps}): "
+                "the learning rate would never reach train.lr; shorten the warmup"
             )
         return self
 

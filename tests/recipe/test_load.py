@@ -84,8 +84,12 @@ BAD_RECIPES = [
     (_merge(train={"betas": [0.9, 1.0]}), "train.betas: each beta must be in [0, 1), got [0.9, 1.0]"),
     (_merge(train={"betas": [-0.1, 0.9]}), "train.betas: each beta must be in [0, 1)"),
     (
-        _merge(train={"warmup_steps": 5, "max_steps": 5}),
-        "train.warmup_steps (5) must be below train.max_steps (5)",
+        _merge(train={"warmup_steps": 6, "max_steps": 5}),
+        "train.warmup_steps (6) does not fit in train.max_steps (5)",
+    ),
+    (
+        _merge(train={"warmup_steps": 1, "max_steps": 1}),
+        "train.warmup_steps (1) does not fit in train.max_steps (1)",
     ),
     (
         _merge(slurm={"time": "00:04:00", "signal_lead_s": 300}),
