@@ -85,14 +85,14 @@ def test_max_seq_len_beyond_learned_positions(write_recipe: Any, tiny_gpt2: Path
 
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Any]:
-    """mount(size) -> a fresh tmpfs of that many bytes (remountable larger); unmounted afterwards."""
+    """mount(size, read_only) -> a fresh tmpfs of that many bytes (remountable); unmounted afterwards."""
     mount_point = tmp_path / "small_fs"
     mount_point.mkdir()
     mounted = False
 
-    def mount(size: int) -> Path:
+    def mount(size: int, read_only: bool = False) -> Path:
         nonlocal mounted
-        options = f"{'remount,' if mounted else ''}size={size}"
+        options = f"{'remount,' if mounted else ''}size={size}{',ro' if read_only else ''}"
         done = subprocess.run(
             ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount_point)], capture_output=True
         )
@@ -131,6 +131,15 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(write_recipe: Any,
     small_fs(checkpoint * 8)  # the user frees space and resumes
     resumed = train(load_recipe(recipe, [*overrides, "train.resume=auto"]))
     assert resumed.steps == 3 and len(resumed.losses) == 2
+
+
+def test_a_read_only_output_dir_is_refused_before_any_load(
+    write_recipe: Any, small_fs: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mount_point = small_fs(2**20, read_only=True)
+    assert main(["validate", str(write_recipe()), f"output_dir={mount_point}/run"]) == 2
+    err = capsys.readouterr().err
+    assert f"output_dir: {mount_point} is not writable (read-only file system)" in err, err
 
 
 # ---- kill -9 during a checkpoint write ------------------------------------------------------------------
