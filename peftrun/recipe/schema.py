@@ -245,7 +245,7 @@ class TrainConfig(Section):
     @classmethod
     def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
         if not all(0 <= beta < 1 for beta in value):
-            raise ValueError(f"each beta must be in [0, 1), got {list(value)}")
+            raise ValueError("each beta must be in [0, 1)")
         return value
 
     @model_validator(mode="after")

@@ -81,7 +81,7 @@ BAD_RECIPES = [
     # what training used to hit late (issue 17)
     (_merge(train={"lr": float("inf")}), "train.lr: Input should be a finite number"),
     (_merge(train={"lr": float("nan")}), "train.lr: Input should be a finite number"),
-    (_merge(train={"betas": [0.9, 1.0]}), "train.betas: each beta must be in [0, 1), got [0.9, 1.0]"),
+    (_merge(train={"betas": [0.9, 1.0]}), "train.betas: each beta must be in [0, 1) (got [0.9, 1.0])"),
     (_merge(train={"betas": [-0.1, 0.9]}), "train.betas: each beta must be in [0, 1)"),
     (
         _merge(train={"warmup_steps": 6, "max_steps": 5}),
