@@ -27,6 +27,7 @@ from peftrun.merge.export import export_adapter, inputs_for
 from peftrun.merge.stream import SAFE_INDEX
 from peftrun.merge.verdict import MergedFiles, MergeVerificationError, light_verdict, probe_batch
 from peftrun.recipe.load import load_recipe
+from peftrun.run.safe_paths import OUTPUT_MARKER
 from peftrun.run.verify import ADAPTER_WEIGHTS
 from peftrun.train.loop import train
 
@@ -490,7 +491,7 @@ def test_export_adapter_is_clean_and_loads_with_peft(
     run = runs["lora"]
     assert main(["export", str(run), "--format", "adapter", "--out", str(tmp_path / "adapter")]) == 0
     out = tmp_path / "adapter"
-    assert {p.name for p in out.iterdir()} <= {
+    assert {p.name for p in out.iterdir()} - {OUTPUT_MARKER} <= {
         "adapter_config.json",
         "adapter_model.safetensors",
         "tokenizer.json",

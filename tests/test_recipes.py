@@ -12,6 +12,7 @@ from pathlib import Path
 
 import peft  # noqa: F401  (imported at collection: its one-time import cost is not any test's)
 import pytest
+from transformers import AutoConfig
 
 from peftrun.recipe.load import load_recipe
 from peftrun.train.preflight import preflight
@@ -57,6 +58,12 @@ def test_recipe_passes_preflight_on_a_tiny_model_of_its_family(
     written = load_recipe(path)
     fixture, config_class = FAMILIES[family_of(written.model.name_or_path)]
     overrides = [f"model.name_or_path={request.getfixturevalue(fixture)}"]
+    tiny = AutoConfig.from_pretrained(request.getfixturevalue(fixture))
+    positions = getattr(tiny, "max_position_embeddings", None) or getattr(tiny, "n_positions", None)
+    if fixture != "tiny_llama" and positions and written.data.max_seq_len > positions:
+        overrides.append(
+            f"data.max_seq_len={positions}"
+        )  # the real model has more positions than its stand-in
     if importlib.util.find_spec("bitsandbytes") is None:
         if written.model.quantization is not None:
             overrides.append("model.quantization=null")

@@ -373,7 +373,10 @@ def test_eval_and_predict_commands_on_a_finished_run(
         assert line["score"] == max(line["probs"].values())
 
     # Predictions agree with the eval's confusion matrix on the labelled file itself.
-    assert main(["predict", str(run_dir), "--data", str(classification_file), "--out", str(preds)]) == 0
+    assert main(["predict", str(run_dir), "--data", str(classification_file), "--out", str(preds)]) == 2
+    assert "exists; remove it or pass --overwrite" in capsys.readouterr().err
+    argv = ["predict", str(run_dir), "--data", str(classification_file), "--out", str(preds), "--overwrite"]
+    assert main(argv) == 0
     rows = [json.loads(line) for line in classification_file.read_text().splitlines()]
     predicted = [json.loads(line)["label"] for line in preds.read_text().splitlines()]
     correct = sum(p == r["label"] for p, r in zip(predicted, rows, strict=True))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -69,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument(
             "overrides", nargs="*", metavar="key=value", help="override recipe keys, e.g. train.lr=1e-4"
         )
+        cmd.add_argument(
+            "--fresh",
+            action="store_true",
+            help="train.overwrite=true: move a previous run in output_dir aside",
+        )
     _add_plan_command(sub)
     summary = (
         "write an sbatch script for a multi-node, preemption-safe run into output_dir/slurm and submit it"
@@ -97,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("run_dir", help="the run's output_dir")
     predict.add_argument("--data", required=True, help="data file in the run's format (labels not needed)")
     predict.add_argument("--out", required=True, help="where to write the predictions (.jsonl)")
+    predict.add_argument("--overwrite", action="store_true", help="replace --out (earlier predictions)")
     _add_data_command(sub)
     keys = sub.add_parser("keys", help="list every recipe key with its default and description")
     keys.add_argument("section", nargs="?", help="only keys starting with this (e.g. train)")
@@ -200,11 +207,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides += extra
     try:
         return _dispatch(args)
-    except UserError as exc:
+    except (UserError, OSError) as exc:
+        from peftrun.run.io_checks import io_error_line
+
+        line = str(exc) if isinstance(exc, UserError) else io_error_line(exc)
+        if line is None:
+            raise
         rank = os.environ.get("RANK", "0")
         if rank == "0":  # one copy of the message, not one per process
-            print(f"peftrun: error: {exc}".replace("\n", "\npeftrun: error: "), file=sys.stderr)
-        return exc.exit_code
+            print(f"peftrun: error: {line}".replace("\n", "\npeftrun: error: "), file=sys.stderr)
+        return UserError.exit_code
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -212,6 +224,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from peftrun.dist.signals import catch_scheduler_signals
 
         catch_scheduler_signals()
+        # Each log line reaches a pipe (a Slurm job log) when printed: a step killed after a requeue
+        # would otherwise take its unflushed lines ("stopped by SIGUSR1 at step N") with it.
+        if isinstance(sys.stdout, io.TextIOWrapper):
+            sys.stdout.reconfigure(line_buffering=True)
     if args.command == "keys":
         from peftrun.recipe.docs import adapter_options_text, reference_markdown
 
@@ -259,6 +275,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         args.overrides += [f"slurm.{key}={json.dumps(value)}" for key, value in flags.items()]
     if args.command == "plan":
         _check_plan_flags(args)
+    if getattr(args, "fresh", False):
+        args.overrides.append("train.overwrite=true")
     recipe = load_recipe(args.recipe, args.overrides)
     if args.command == "slurm":
         return _slurm(recipe, args.dry_run)
@@ -310,7 +328,7 @@ def _run_inference(args: argparse.Namespace) -> int:
         print(f"[peftrun] {args.data}: {result['samples']} samples, {eval_summary(result)}")
         print(f"[peftrun] wrote {out}")
     else:
-        count = predict_run(args.run_dir, args.data, args.out)
+        count = predict_run(args.run_dir, args.data, args.out, args.overwrite)
         print(f"[peftrun] wrote {count} predictions to {args.out}")
     return 0
 

@@ -120,7 +120,7 @@ def _parse_error(path: str, where: str, message: str) -> UserError:
 
 
 def _read_jsonl(path: str, file: Path) -> Iterator[tuple[int | None, dict[str, Any]]]:
-    with file.open(encoding="utf-8") as handle:
+    with file.open(encoding="utf-8-sig") as handle:  # -sig: a byte order mark (Windows editors) is skipped
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -138,7 +138,7 @@ def _read_jsonl(path: str, file: Path) -> Iterator[tuple[int | None, dict[str, A
 
 
 def _read_json(path: str, file: Path) -> Iterator[tuple[int | None, dict[str, Any]]]:
-    text = file.read_text(encoding="utf-8")
+    text = file.read_text(encoding="utf-8-sig")
     try:
         records = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -189,7 +189,7 @@ def _read_parquet(path: str, file: Path) -> Iterator[tuple[int | None, dict[str,
 
 def _read_txt(path: str, file: Path) -> Iterator[tuple[int | None, dict[str, Any]]]:
     lines: list[str] = []
-    with file.open(encoding="utf-8") as handle:
+    with file.open(encoding="utf-8-sig") as handle:
         for line in chain(handle, [""]):  # the trailing "" flushes the last paragraph
             if line.strip():
                 lines.append(line)
@@ -229,9 +229,18 @@ def _iter_file(path: str, file: Path) -> Iterator[tuple[int | None, dict[str, An
         else:
             yield from _READERS[file.suffix.lower()](path, file)
     except UnicodeDecodeError as exc:
-        raise UserError(
-            f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
-        ) from None
+        raise UserError(f"{path}: not UTF-8 text ({_first_bad_line(file, exc)})") from None
+
+
+def _first_bad_line(file: Path, exc: UnicodeDecodeError) -> str:
+    """Where the first undecodable byte is, as a line and column (the decoder only knows its buffer)."""
+    with file.open("rb") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                return f"byte 0x{line[bad.start]:02x} at line {line_no}, column {bad.start + 1}"
+    return f"byte 0x{exc.object[exc.start]:02x}"
 
 
 def _type_name(value: Any) -> str:

@@ -34,6 +34,7 @@ def demo_recipe(overrides: list[str]) -> Recipe:
             f"model.name_or_path={model_dir}",
             f"data.path={DEMO_DATA_DIR / 'train.jsonl'}",
             f"data.val_path={DEMO_DATA_DIR / 'eval.jsonl'}",
+            "train.overwrite=true",  # a second demo moves the first aside (runs/demo.old-<time>)
             *overrides,
         ],
     )

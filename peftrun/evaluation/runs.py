@@ -23,9 +23,11 @@ from peftrun.model.load import load_processor
 from peftrun.model.tasks import TASKS, Task, forward_logits, model_inputs
 from peftrun.recipe.load import load_recipe
 from peftrun.recipe.schema import DataConfig, Recipe
+from peftrun.run.io_checks import reading
 from peftrun.run.outputs import RESOLVED_RECIPE
 from peftrun.run.run_dir import FINAL_DIR, final_dir, reload_artefact, tokenized_cache_dir
-from peftrun.staging import staged_dir, staged_file
+from peftrun.run.safe_paths import check_output, check_replaceable_dir, check_replaceable_file, staged_output
+from peftrun.staging import staged_file
 
 METRICS_JSON = "metrics.json"
 CONFUSION_PNG = "confusion_matrix.png"
@@ -44,7 +46,8 @@ class LoadedRun:
         # The tokenizer/image processor saved beside the weights: the one the model was trained with.
         model_cfg = self.recipe.model.model_copy(update={"tokenizer": str(self.final)})
         self.processor = load_processor(model_cfg, self.recipe.task)
-        self.model = reload_artefact(self.final, self.recipe).eval()
+        with reading(self.final):  # a damaged artefact: one line naming it
+            self.model = reload_artefact(self.final, self.recipe).eval()
 
     def data_config(self, path: str) -> DataConfig:
         """The run's data settings (format, columns, class names, lengths) pointed at `path`."""
@@ -74,6 +77,9 @@ def evaluate_run(
     from accelerate import Accelerator
 
     _check_file(data_path)
+    out = Path(out_dir) if out_dir is not None else Path(run_dir) / "eval" / Path(data_path).name
+    check_output(out, "--out", inputs=[data_path], run_dirs=[run_dir])
+    check_replaceable_dir(out, "--out", overwrite=True)  # a previous evaluation (peftrun's) is replaced
     run = LoadedRun(run_dir)
     cfg = run.data_config(data_path)
     data = run.task.prepare(cfg, run.processor, run.recipe.train.seed, tokenized_cache_dir())
@@ -85,8 +91,7 @@ def evaluate_run(
     )
     result = {"data": str(Path(data_path).resolve()), "samples": len(data.train), **result}
 
-    out = Path(out_dir) if out_dir is not None else run.run_dir / "eval" / Path(data_path).name
-    with staged_dir(out) as tmp:
+    with staged_output(out) as tmp:
         (tmp / METRICS_JSON).write_text(json.dumps(result, indent=1))
         if run.task.predicts_labels:
             from peftrun.evaluation.metrics import plot_confusion_matrix
@@ -98,12 +103,15 @@ def evaluate_run(
 
 
 @torch.no_grad()
-def predict_run(run_dir: str | Path, data_path: str, out_path: str | Path) -> int:
+def predict_run(run_dir: str | Path, data_path: str, out_path: str | Path, overwrite: bool = False) -> int:
     """Write one JSON line per row of `data_path` (labels not needed): the predicted class with its
     probability and every class's (classifiers), or the text with its [MASK] tokens filled (masked_lm).
-    Returns the number of rows written. Causal-LM runs generate (see generate.py): the row's prompt,
-    conversation (a last assistant turn is dropped) or instruction is answered greedily."""
+    Returns the number of rows written; an existing `out_path` is replaced only with `overwrite`.
+    Causal-LM runs generate (see use/generate.py): the row's prompt, conversation (a last assistant
+    turn is dropped) or instruction is answered greedily."""
     _check_file(data_path)
+    check_output(out_path, "--out", inputs=[data_path], run_dirs=[run_dir])
+    check_replaceable_file(Path(out_path), "--out", overwrite)
     if _run_task(run_dir) == "causal_lm":
         from peftrun.use.generate import GenerationSettings, generate_file
 

@@ -32,8 +32,9 @@ from peftrun.merge.verdict import (
 )
 from peftrun.model.load import DTYPES, load_model
 from peftrun.recipe.schema import ModelConfig
+from peftrun.run.io_checks import reading
+from peftrun.run.safe_paths import check_replaceable_dir, staged_output
 from peftrun.run.verify import ADAPTER_WEIGHTS, logit_tolerance
-from peftrun.staging import staged_dir
 
 CHECKS: tuple[Check, ...] = typing.get_args(Check)
 
@@ -62,8 +63,7 @@ def merge(
     start = time.perf_counter()
     dtype = resolve_dtype(options.dtype or inputs.base_dtype)
     max_shard_bytes = parse_size(options.max_shard_size)
-    if out_dir.exists() and any(out_dir.iterdir()) and not options.overwrite:
-        raise UserError(f"--out: {out_dir} exists and is not empty; remove it or pass --overwrite")
+    check_replaceable_dir(out_dir, "--out", options.overwrite)
     if not (inputs.adapter_dir / ADAPTER_WEIGHTS).is_file():
         raise UserError(f"{inputs.adapter_dir}: no {ADAPTER_WEIGHTS} (peftrun merges safetensors adapters)")
     weight_map = base_weight_map(inputs.base_dir)
@@ -85,7 +85,9 @@ def merge(
     from safetensors.torch import load_file
 
     adapter_config = inputs.adapter_config
-    merge_plan = plan(adapter_config, load_file(inputs.adapter_dir / ADAPTER_WEIGHTS), skeleton)
+    with reading(inputs.adapter_dir / ADAPTER_WEIGHTS):  # a damaged file: one line naming it
+        adapter_weights = load_file(inputs.adapter_dir / ADAPTER_WEIGHTS)
+    merge_plan = plan(adapter_config, adapter_weights, skeleton)
     classifier = inputs.task.classifier and isinstance(merge_plan, MergePlan) and weight_map is not None
     if classifier and isinstance(merge_plan, MergePlan) and weight_map is not None:
         from peftrun.merge.classifier import unstreamable
@@ -102,7 +104,7 @@ def merge(
         merge_plan = "checkpoints whose tensor names differ from the model's module names"
 
     out_dir = out_dir.resolve()
-    with staged_dir(out_dir) as tmp:
+    with staged_output(out_dir) as tmp:
         if isinstance(merge_plan, MergePlan) and weight_map is not None:
             say(
                 f"[peftrun] merging {merge_plan.describe()} into {inputs.base} shard by shard "

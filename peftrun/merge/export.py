@@ -28,8 +28,8 @@ from peftrun.merge.sources import (
     is_run_dir,
 )
 from peftrun.merge.spec import DEFAULT_MAX_SHARD_SIZE, MergeSpec, spec_from_args
+from peftrun.run.safe_paths import check_output, check_replaceable_dir, staged_output
 from peftrun.run.verify import ADAPTER_WEIGHTS
-from peftrun.staging import staged_dir
 
 FORMATS = ("adapter", "merged", "gguf")
 
@@ -47,15 +47,14 @@ def inputs_for(source: str, base: str | None) -> MergeInputs:
 
 
 def export_adapter(inputs: MergeInputs, out_dir: Path, overwrite: bool = False) -> Path:
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise UserError(f"--out: {out_dir} exists and is not empty; remove it or pass --overwrite")
+    check_replaceable_dir(out_dir, "--out", overwrite)
     config: dict[str, Any] = inputs.adapter_config
     config["base_model_name_or_path"] = inputs.base
     config["revision"] = inputs.revision
     config["inference_mode"] = True
     config["target_modules"] = short_target_modules(config.get("target_modules"), inputs)
     out_dir = out_dir.resolve()
-    with staged_dir(out_dir) as tmp:
+    with staged_output(out_dir) as tmp:
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
         shutil.copy(inputs.adapter_dir / ADAPTER_WEIGHTS, tmp / ADAPTER_WEIGHTS)
         for name in TOKENIZER_FILES:
@@ -108,6 +107,7 @@ def run_merge(spec: MergeSpec) -> int:
             "--out: required when merging an adapter directory (a run directory defaults to RUN/merged)"
         )
     out = Path(spec.out) if spec.out else Path(spec.source) / "merged"
+    checked_output(out, [spec.source], [inputs])
     merge(inputs, out, merge_options(spec))
     return 0
 
@@ -123,6 +123,7 @@ def _combine(spec: MergeSpec, sources: list[str]) -> int:
     weights = spec.weights if spec.weights is not None else [1.0 / len(adapters)] * len(adapters)
     out = Path(spec.out)
     combination = spec.combination or "linear"
+    checked_output(out, sources, adapters)
     with tempfile.TemporaryDirectory(prefix=".combined-adapter-", dir=out.resolve().parent) as tmp:
         combined = combine_adapters(
             adapters, weights, combination, spec.density, spec.svd_rank, spec.seed, Path(tmp)
@@ -143,6 +144,7 @@ def export_command(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)  # the merge settings; `run` and `format` are export's own
     inputs = inputs_for(args.run, spec.base)
     out = Path(args.out)
+    checked_output(out, [args.run], [inputs])
     if args.format == "merged":
         merge(inputs, out, merge_options(spec))
     else:
@@ -150,6 +152,14 @@ def export_command(args: argparse.Namespace) -> int:
         print(f"[peftrun] exported the adapter of {args.run} to {out} (base: {inputs.base})")
     publish_export(args, inputs.base)
     return 0
+
+
+def checked_output(out: Path, sources: list[str], inputs: list[MergeInputs]) -> Path:
+    """--out must stay clear of every directory the command reads (see safe_paths)."""
+    runs = [s for s in sources if is_run_dir(Path(s))]
+    read: list[str | Path] = [p for i in inputs for p in (i.adapter_dir, i.base_dir, i.tokenizer_source)]
+    read += [s for s in sources if s not in runs]
+    return check_output(out, "--out", inputs=read, run_dirs=runs)
 
 
 def add_merge_options(parser: argparse.ArgumentParser) -> None:
@@ -174,4 +184,6 @@ def add_merge_options(parser: argparse.ArgumentParser) -> None:
         help="QLoRA runs: merge into the NF4 weights the adapter was trained on (dequantized), or into the "
         "original weights (the verdict reports the difference to the trained model)",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace --out if it exists and peftrun wrote it"
+    )

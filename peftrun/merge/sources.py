@@ -19,6 +19,7 @@ from peftrun.model.methods import NON_ADAPTER_KINDS
 from peftrun.model.tasks import TASKS, Task
 from peftrun.recipe.load import load_recipe
 from peftrun.recipe.schema import QuantizationConfig
+from peftrun.run.io_checks import reading
 from peftrun.run.outputs import MANIFEST_FILE, RESOLVED_RECIPE
 from peftrun.run.run_dir import FINAL_DIR
 
@@ -63,7 +64,8 @@ def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
     path = adapter_dir / ADAPTER_CONFIG
     if not path.is_file():
         raise UserError(f"{adapter_dir}: not a peft adapter directory (no {ADAPTER_CONFIG})")
-    config: dict[str, Any] = json.loads(path.read_text())
+    with reading(path):
+        config: dict[str, Any] = json.loads(path.read_text())
     return config
 
 

@@ -124,6 +124,8 @@ def build_peft_config(kind: str, options: Mapping[str, Any], task_type: str | No
         values[schedule.total_steps_option] = 1_000_000
     for key, value in options.items():
         name = aliases.get(key, key)
+        if name != key and name in options:
+            raise OptionError(key, f"and {name} are the same option (`{key}` is short for it); give one")
         if name in OWNED_OPTIONS:
             raise OptionError(key, "is set by peftrun (from the task and model), not by the recipe")
         if name not in types:

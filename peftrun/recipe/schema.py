@@ -20,7 +20,10 @@ from peftrun.model.methods import NON_ADAPTER_KINDS, check_method_options, is_pr
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=False)
+    # allow_inf_nan=False: lr=inf or nan is a typo that trains to NaN, never a setting.
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, use_attribute_docstrings=False, allow_inf_nan=False
+    )
 
 
 Dtype = Literal["fp32", "bf16", "fp16"]
@@ -270,6 +273,34 @@ class TrainConfig(Section):
     resume: str | None = Field(
         None, description="'auto' (newest checkpoint in output_dir, if any) or a checkpoint directory."
     )
+    overwrite: bool = Field(
+        False,
+        description="Start fresh in an output_dir that holds another run (`peftrun train --fresh`): the old "
+        "run's files are moved to OUTPUT_DIR.old-<time> beside it, never deleted. Without it such a "
+        "directory is refused unless train.resume resumes that run.",
+    )
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= beta < 1 for beta in value):
+            raise ValueError("each beta must be in [0, 1)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.overwrite and self.resume is not None:
+            raise ValueError("train.overwrite (--fresh) and train.resume both given: resume or start fresh")
+        # Warmup starts at lr 0: a warmup longer than the run never reaches train.lr, and a one-step run
+        # with any warmup takes its only step at lr 0. (Equal lengths are fine: the last step ends it.)
+        if self.max_steps is not None and (
+            self.warmup_steps > self.max_steps or (self.max_steps == 1 and self.warmup_steps)
+        ):
+            raise ValueError(
+                f"train.warmup_steps ({self.warmup_steps}) does not fit in train.max_steps ({self.max_steps}): "
+                "the learning rate would never reach train.lr; shorten the warmup"
+            )
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -428,6 +459,16 @@ class SlurmConfig(Section):
         return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in value.items()}
 
     @model_validator(mode="after")
+    def _signal_before_the_limit(self) -> SlurmConfig:
+        limit = slurm_time_seconds(self.time) if self.time else None
+        if limit is not None and self.signal_lead_s >= limit:
+            raise ValueError(
+                f"slurm.signal_lead_s ({self.signal_lead_s} s) must be shorter than the time limit "
+                f"{self.time} ({limit} s), or the job is told to stop before it starts"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _sbatch_lines_are_literal(self) -> SlurmConfig:
         # Everything here lands on #SBATCH lines, which sbatch reads before any shell runs.
         words = {"partition": self.partition, "account": self.account, "job_name": self.job_name}
@@ -452,6 +493,21 @@ class SlurmConfig(Section):
 _SLURM_TIME = re.compile(r"^(\d+-)?\d+(:\d+){0,2}$")
 
 
+def slurm_time_seconds(text: str) -> int | None:
+    """Slurm's --time formats (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) in seconds; None if unparsable."""
+    days, _, clock = text.rpartition("-")
+    try:
+        parts = [int(p) for p in clock.split(":")]
+        day_count = int(days) if days else 0
+    except ValueError:
+        return None
+    if days:  # after a day count: hours, then minutes and seconds
+        parts = [*parts, 0, 0][:3]
+        return day_count * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
+    factors = {1: (60,), 2: (60, 1), 3: (3600, 60, 1)}.get(len(parts))
+    return None if factors is None else sum(p * f for p, f in zip(parts, factors, strict=True))
+
+
 class Recipe(Section):
     """A peftrun recipe."""
 
@@ -473,6 +529,15 @@ class Recipe(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+
+    @field_validator("output_dir", mode="before")
+    @classmethod
+    def _output_dir_given(cls, value: Any) -> Any:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise ValueError(
+                "empty: give the run directory (an empty value would train into the current one)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Recipe:

@@ -23,7 +23,8 @@ from peftrun.model.methods import after_optimizer_step
 from peftrun.model.tasks import Task
 from peftrun.recipe.schema import Recipe, TrainConfig
 from peftrun.run.artefact import checkpoint_writer
-from peftrun.train.checkpoint import save_checkpoint
+from peftrun.run.io_checks import cleaning_up_on_failure
+from peftrun.train.checkpoint import CHECKPOINTS, save_checkpoint
 from peftrun.train.preflight import preflight
 from peftrun.train.save import write_outputs
 from peftrun.train.setup import Batch, Run, setup_run
@@ -217,16 +218,17 @@ def _checkpoint(run: Run) -> Path:
     """Resume state plus a loadable adapter/model directory (run/artefact.py), rotated to keep_last
     (sparing the best eval loss with keep_best)."""
     recipe = run.recipe
-    return save_checkpoint(
-        run.accelerator,
-        run.out,
-        run.state,
-        recipe.checkpoint.keep_last,
-        keep_best=recipe.checkpoint.keep_best,
-        write_artefact=checkpoint_writer(
-            run.accelerator, run.model, run.processor, recipe, run.initial_adapter
-        ),
-    )
+    with cleaning_up_on_failure(run.out / CHECKPOINTS, "saving the checkpoint"):
+        return save_checkpoint(
+            run.accelerator,
+            run.out,
+            run.state,
+            recipe.checkpoint.keep_last,
+            keep_best=recipe.checkpoint.keep_best,
+            write_artefact=checkpoint_writer(
+                run.accelerator, run.model, run.processor, recipe, run.initial_adapter
+            ),
+        )
 
 
 def _log(run: Run, record: dict[str, Any]) -> None:
@@ -256,6 +258,9 @@ def _stop_early(run: Run, stop: StopRequest, requeue: bool) -> RunResult:
         run.say(f"continue with: peftrun train <recipe> train.resume=auto (output_dir {run.out})")
     elif run.accelerator.is_main_process:  # once per job, after every process has written its part
         run.say(requeue_slurm_job())
+    # Nobody leaves before the requeue is done and logged: srun --kill-on-bad-exit kills the whole
+    # step as soon as one node's launcher exits.
+    run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
     return RunResult(run.out, None, run.state.step, run.losses, run.eval_loss, stopped_by=stop.signal_name)
 

@@ -14,6 +14,7 @@ from peftrun.model.load import DTYPES
 from peftrun.model.methods import MAY_ZERO_TENSORS, NON_ADAPTER_KINDS
 from peftrun.recipe.schema import Recipe
 from peftrun.run.artefact import write_artefact
+from peftrun.run.io_checks import cleaning_up_on_failure
 from peftrun.run.outputs import (
     MANIFEST_FILE,
     METRICS_FILE,
@@ -41,9 +42,10 @@ from peftrun.train.setup import Run
 def write_outputs(run: Run) -> Path:
     """The final artefact, then (main process) the loss plot and the manifest."""
     try:
-        final = save_final(
-            run.accelerator, run.model, run.processor, run.recipe, run.probe_batch, run.initial_adapter
-        )
+        with cleaning_up_on_failure(run.out, "saving the final artefact"):
+            final = save_final(
+                run.accelerator, run.model, run.processor, run.recipe, run.probe_batch, run.initial_adapter
+            )
     except SaveCheckFailed as exc:
         # What was trained is kept: a checkpoint of this step (written now unless it already is), so
         # that the user can resume or save again after a fix. The check leaves the weights as trained.
@@ -60,6 +62,7 @@ def write_outputs(run: Run) -> Path:
             run.out / MANIFEST_FILE,
             recipe=RESOLVED_RECIPE,
             final=FINAL_DIR,
+            run_id=run.run_id,
             steps=run.state.step,
             world_size=run.accelerator.num_processes,
             matmul=run.cpu.matmul,  # cpu.matmul as resolved on this machine

@@ -26,7 +26,9 @@ from peftrun.model.methods import count_parameters, mutates_base, set_total_step
 from peftrun.model.tasks import TASKS, Task
 from peftrun.recipe.load import recipe_to_yaml
 from peftrun.recipe.schema import Recipe
+from peftrun.run.io_checks import reading
 from peftrun.run.outputs import METRICS_FILE, RESOLVED_RECIPE, MetricsLog
+from peftrun.run.owner import claim
 from peftrun.run.run_dir import tokenized_cache_dir
 from peftrun.train.checkpoint import (
     TrainerState,
@@ -36,6 +38,7 @@ from peftrun.train.checkpoint import (
 )
 from peftrun.train.optim import build_optimizer, build_scheduler
 from peftrun.train.preflight import Preflight
+from peftrun.train.resume_check import pick_resume, recipe_shape
 
 Batch = dict[str, torch.Tensor]
 
@@ -61,6 +64,7 @@ class Run:
     metrics: MetricsLog | None  # metrics.jsonl, on the main process
     parameters: tuple[int, int]  # (trainable, total)
     cpu: CpuTuning
+    run_id: str | None  # run.json's id (main process), recorded in the manifest
     samples: EvalSamples | None = None  # eval.generate: answers written at every evaluation
     losses: list[float] = field(default_factory=list)  # per optimizer step, this invocation only
     eval_loss: float | None = None
@@ -78,8 +82,8 @@ def setup_run(recipe: Recipe, checks: Preflight) -> Run:
     from accelerate.utils import set_seed
 
     set_seed(recipe.train.seed)
-    resume_from = resolve_resume(recipe.output_dir, recipe.train.resume, requeued=slurm_restarts() > 0)
-    _write_resolved_recipe(accelerator, recipe, create=True)
+    resume_from, run_id = _claim_output_dir(accelerator, recipe)
+    _write_resolved_recipe(accelerator, recipe)
     for line in checks.lines():
         accelerator.print(f"[peftrun] {line}")
     task = TASKS[recipe.task]
@@ -114,6 +118,7 @@ def setup_run(recipe: Recipe, checks: Preflight) -> Run:
         metrics=metrics,
         parameters=parameters,
         cpu=cpu,
+        run_id=run_id,
         samples=eval_samples_for(recipe, processor, accelerator),
     )
     micro, accumulation = recipe.train.micro_batch_size, accelerator.gradient_accumulation_steps
@@ -222,7 +227,8 @@ def _resume(
     """The loop's state (from the checkpoint when resuming) and the metrics log continued from it."""
     state = TrainerState()
     if resume_from is not None:
-        state = load_checkpoint(accelerator, resume_from)
+        with reading(resume_from):
+            state = load_checkpoint(accelerator, resume_from)
         accelerator.print(f"[peftrun] resumed from {resume_from} at step {state.step}")
     if state.step >= total_steps:
         accelerator.print(
@@ -236,10 +242,22 @@ def _resume(
     return state, metrics
 
 
-def _write_resolved_recipe(accelerator: Any, recipe: Recipe, create: bool = False) -> None:
+def _claim_output_dir(accelerator: Any, recipe: Recipe) -> tuple[Path | None, str | None]:
+    """The checkpoint to resume from (a damaged newest one falls back to the previous one) and the run
+    id: output_dir becomes this run's (run/owner.py) before anything is written into it."""
+    say = accelerator.print
+    requeued = slurm_restarts() > 0
+    resume_from = resolve_resume(recipe.output_dir, recipe.train.resume, requeued=requeued)
+    if resume_from is not None:
+        resume_from = pick_resume(resume_from, recipe.train.resume == "auto" or requeued, say)
+    run_id = None
     if accelerator.is_main_process:
-        if create:
-            recipe.output_dir.mkdir(parents=True, exist_ok=True)
+        run_id = claim(recipe.output_dir, resume_from, recipe_shape(recipe), say)
+    return resume_from, run_id
+
+
+def _write_resolved_recipe(accelerator: Any, recipe: Recipe) -> None:
+    if accelerator.is_main_process:
         (recipe.output_dir / RESOLVED_RECIPE).write_text(recipe_to_yaml(recipe))
 
 

@@ -171,7 +171,25 @@ BAD_INPUTS = [
     ),
     pytest.param("x.jsonl", "\n\n", {}, "x.jsonl: no rows", id="empty-file"),
     pytest.param(
-        "x.jsonl", b"\xff\xfe{}\n", {}, "x.jsonl: not UTF-8 text (byte 0xff at offset 0)", id="not-utf8"
+        "x.jsonl",
+        b"\xff\xfe{}\n",
+        {},
+        "x.jsonl: not UTF-8 text (byte 0xff at line 1, column 1)",
+        id="not-utf8",
+    ),
+    pytest.param(
+        "x.jsonl",
+        _jsonl(GOOD, GOOD).encode() + b'{"instruction": "caf\xe9", "output": "a"}\n',
+        {},
+        "x.jsonl: not UTF-8 text (byte 0xe9 at line 3, column 21)",
+        id="not-utf8-line-3",
+    ),
+    pytest.param(
+        "c.jsonl",
+        _jsonl({"messages": [{"role": "user"}]}),
+        {"format": "chat"},
+        "c.jsonl: row 1: messages[0] is missing 'content' (keys: role)",
+        id="content-missing",
     ),
     pytest.param(
         "x.jsonl",
@@ -344,3 +362,13 @@ def test_hub_dataset_rows_are_read_and_checked(monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(UserError) as caught:
         check_source(DataConfig(path="org/alpaca-like"))
     assert str(caught.value) == "org/alpaca-like: row 3: 'output' must be a string, got null"
+
+
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    """Windows editors start UTF-8 files with a BOM; each text format reads past it."""
+    for name, text in (("a.jsonl", _jsonl(GOOD)), ("a.json", json.dumps([GOOD])), ("a.txt", "hello\n")):
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode())
+        fmt = "text" if name.endswith(".txt") else "alpaca"
+        check_source(DataConfig(path=str(tmp_path / name), format=fmt))
+        first = read_rows(str(tmp_path / name))[0]
+        assert first == ({"text": "hello"} if fmt == "text" else GOOD)

@@ -82,6 +82,33 @@ BAD_RECIPES = [
     ),
     ({"model": {"name_or_path": "m"}, "data": {"path": "d"}}, "output_dir: required key is missing"),
     ("model: [unclosed", "not valid YAML"),
+    # what training used to hit late (issue 17)
+    (_merge(train={"lr": float("inf")}), "train.lr: Input should be a finite number"),
+    (_merge(train={"lr": float("nan")}), "train.lr: Input should be a finite number"),
+    (_merge(train={"betas": [0.9, 1.0]}), "train.betas: each beta must be in [0, 1) (got [0.9, 1.0])"),
+    (_merge(train={"betas": [-0.1, 0.9]}), "train.betas: each beta must be in [0, 1)"),
+    (
+        _merge(train={"warmup_steps": 6, "max_steps": 5}),
+        "train.warmup_steps (6) does not fit in train.max_steps (5)",
+    ),
+    (
+        _merge(train={"warmup_steps": 1, "max_steps": 1}),
+        "train.warmup_steps (1) does not fit in train.max_steps (1)",
+    ),
+    (
+        _merge(slurm={"time": "00:04:00", "signal_lead_s": 300}),
+        "slurm.signal_lead_s (300 s) must be shorter than the time limit 00:04:00 (240 s)",
+    ),
+    (
+        _merge(method={"kind": "lora", "alpha": 8, "lora_alpha": 16}),
+        "method.alpha: and lora_alpha are the same option",
+    ),
+    ({**BASE, "output_dir": ""}, "output_dir: empty"),
+    (_merge(train={"overwrite": True, "resume": "auto"}), "train.overwrite (--fresh) and train.resume both"),
+    (
+        "output_dir: a\nmodel: {name_or_path: m}\noutput_dir: b\n",
+        ":3:1: not valid YAML: duplicate key 'output_dir' (first on line 1)",
+    ),
     ("- a list", "a recipe is a YAML mapping"),
 ]
 
@@ -129,6 +156,8 @@ def test_overrides_go_through_the_schema(tmp_path: Path) -> None:
         ("train.max_steps=-2", "command line: train.max_steps: Input should be greater than 0"),
         ("train.lr", "expected dotted.key=value"),
         ("output_dir.x=1", "'output_dir' is not a section"),
+        ("train.lr=[1e-4", "override 'train.lr=[1e-4': the value is not valid YAML"),
+        ("output_dir=", "command line: output_dir: empty"),
     ],
 )
 def test_bad_override(tmp_path: Path, override: str, message: str) -> None:
@@ -159,3 +188,17 @@ def test_resolved_recipe_round_trips(tmp_path: Path) -> None:
     again = load_recipe(_write(tmp_path, recipe_to_yaml(recipe)))
     assert again == recipe
     assert again.method.options == {"r": 8, "alpha": 16}
+
+
+def test_a_recipe_that_is_not_utf8_is_named_with_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_bytes(b"output_dir: runs/x\nmodel: {name_or_path: caf\xe9}\n")
+    with pytest.raises(UserError, match=r"r.yaml:2: not UTF-8 text \(byte 0xe9\)"):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("30", 1800), ("1:30", 90), ("2:00:00", 7200), ("1-2", 93600)])
+def test_slurm_time_formats(text: str, seconds: int) -> None:
+    from peftrun.recipe.schema import slurm_time_seconds
+
+    assert slurm_time_seconds(text) == seconds
