@@ -181,7 +181,16 @@ def test_label_outside_the_classes_names_file_and_row(
         UserError,
         match=r"val\.jsonl: row 2: label 'movies' is not one of the classes \(food, sports, weather\)",
     ):
-        run(bert_recipe(data={"path": str(classification_file), "val_path": str(val), "_replace": True}))
+        run(
+            bert_recipe(
+                data={
+                    "path": str(classification_file),
+                    "val_path": str(val),
+                    "max_seq_len": 32,
+                    "_replace": True,
+                }
+            )
+        )
 
 
 @pytest.mark.parametrize(
@@ -203,7 +212,7 @@ def test_one_class_is_an_error(bert_recipe: Any, tmp_path: Path) -> None:
     data = tmp_path / "one.jsonl"
     data.write_text("".join(json.dumps({"text": f"text {i}", "label": 7}) + "\n" for i in range(8)))
     with pytest.raises(UserError, match=r"at least 2 classes; the labels are \['7'\]"):
-        run(bert_recipe(data={"path": str(data), "_replace": True}))
+        run(bert_recipe(data={"path": str(data), "max_seq_len": 32, "_replace": True}))
 
 
 def test_metrics_on_known_predictions() -> None:
@@ -227,7 +236,13 @@ def test_masked_lm_trains_reports_perplexity_and_reloads(bert_recipe: Any, text_
 
     recipe = bert_recipe(
         task="masked_lm",
-        data={"path": str(text_file), "val_fraction": 0.25, "mask_rate": 0.3, "_replace": True},
+        data={
+            "path": str(text_file),
+            "val_fraction": 0.25,
+            "mask_rate": 0.3,
+            "max_seq_len": 32,
+            "_replace": True,
+        },
         method={
             "kind": "lora",
             "r": 4,

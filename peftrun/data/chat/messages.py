@@ -93,6 +93,8 @@ def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
 def _message(message: Any, where: str) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise RowProblem(f"{where} must be an object with role and content, got {_type_name(message)}")
+    if "role" not in message:
+        raise RowProblem(f"{where} is missing 'role' (keys: {', '.join(message) or 'none'})")
     role = message.get("role")
     if role not in ROLES:
         raise RowProblem(f"{where} has unknown role {role!r} (known: {', '.join(ROLES)})")
@@ -116,6 +118,8 @@ def _message(message: Any, where: str) -> dict[str, Any]:
         if content is not None and not isinstance(content, str):
             raise RowProblem(f"{where}.content must be a string or null, got {_type_name(content)}")
         fixed["content"] = content  # null stays null: templates test `content is none`
+    elif "content" not in message:
+        raise RowProblem(f"{where} is missing 'content' (keys: {', '.join(message)})")
     elif not isinstance(content, str):
         raise RowProblem(f"{where}.content must be a string, got {_type_name(content)}")
     else:
