@@ -62,78 +62,29 @@ def merge(
 ) -> MergeResult:
     start = time.perf_counter()
     dtype = resolve_dtype(options.dtype or inputs.base_dtype)
-    max_shard_bytes = parse_size(options.max_shard_size)
+    max_shard_bytes = parse_size(options.max_shard_size)  # a bad size is said before any weight is read
     check_replaceable_dir(out_dir, "--out", options.overwrite)
     if not (inputs.adapter_dir / ADAPTER_WEIGHTS).is_file():
         raise UserError(f"{inputs.adapter_dir}: no {ADAPTER_WEIGHTS} (peftrun merges safetensors adapters)")
     weight_map = base_weight_map(inputs.base_dir)
     skeleton = meta_model(inputs)
-    # What the adapter was trained on: QLoRA's 4-bit weights, dequantized, unless the user asks otherwise.
-    round_trip = (
-        inputs.quantization is not None
-        and inputs.quantization.bits == 4
-        and options.qlora_base == "dequantized"
-    )
-    # The weights a 4-bit round trip changes (None: no round trip): read through it, and checked by
-    # the light verdict.
-    round_tripped = frozenset(quantized_weight_names(skeleton)) if round_trip else None
-    base_weight = (
-        nf4_round_trip(round_tripped, inputs.quantization, inputs.base_dtype)
-        if round_tripped is not None and inputs.quantization is not None
-        else _unchanged
-    )
-    from safetensors.torch import load_file
-
-    adapter_config = inputs.adapter_config
-    with reading(inputs.adapter_dir / ADAPTER_WEIGHTS):  # a damaged file: one line naming it
-        adapter_weights = load_file(inputs.adapter_dir / ADAPTER_WEIGHTS)
-    merge_plan = plan(adapter_config, adapter_weights, skeleton)
-    classifier = inputs.task.classifier and isinstance(merge_plan, MergePlan) and weight_map is not None
-    if classifier and isinstance(merge_plan, MergePlan) and weight_map is not None:
-        from peftrun.merge.classifier import unstreamable
-
-        # The head comes from the adapter, not the base's files; everything else must be in them.
-        merge_plan = unstreamable(merge_plan, weight_map, skeleton) or merge_plan
-    elif isinstance(merge_plan, MergePlan) and weight_map is None:
-        merge_plan = "bases without safetensors weights"
-    elif (
-        isinstance(merge_plan, MergePlan)
-        and weight_map is not None
-        and merge_plan.touched() - set(weight_map)
-    ):
-        merge_plan = "checkpoints whose tensor names differ from the model's module names"
-
+    round_tripped, base_weight = _base_reader(inputs, options, skeleton)
+    merge_plan, classifier = _merge_plan(inputs, skeleton, weight_map)
     out_dir = out_dir.resolve()
     with staged_output(out_dir) as tmp:
-        if isinstance(merge_plan, MergePlan) and weight_map is not None:
-            say(
-                f"[peftrun] merging {merge_plan.describe()} into {inputs.base} shard by shard "
-                f"({len(set(weight_map.values()))} base file(s), largest "
-                f"{largest_file_bytes(inputs.base_dir, weight_map) / 2**20:.1f} MiB) in fp32, saved as {_name(dtype)}"
-            )
-            if classifier:
-                from peftrun.merge.classifier import write_classifier_shards
-
-                shards = write_classifier_shards(
-                    inputs.base_dir,
-                    weight_map,
-                    merge_plan,
-                    skeleton,
-                    dtype,
-                    tmp,
-                    max_shard_bytes,
-                    base_weight,
-                )
-            else:
-                shards = write_merged_shards(
-                    inputs.base_dir, weight_map, merge_plan, dtype, tmp, max_shard_bytes, base_weight
-                )
-        else:
-            say(
-                f"[peftrun] streaming covers the LoRA family, not {merge_plan}: merging with peft's "
-                "merge_and_unload, which holds the whole model in memory"
-            )
-            shards = peft_merge(inputs, tmp, dtype, options.max_shard_size, base_weight)
+        shards = _write_weights(
+            inputs,
+            tmp,
+            dtype,
+            options,
+            max_shard_bytes,
+            merge_plan,
+            weight_map,
+            skeleton,
+            base_weight,
+            classifier,
+            say,
+        )
         notes = write_model_files(inputs, tmp, dtype)
         if classifier and isinstance(merge_plan, MergePlan):
             _name_architecture(tmp, type(skeleton).__name__)
@@ -151,6 +102,88 @@ def merge(
     seconds = time.perf_counter() - start
     say(f"[peftrun] saved {out_dir}: {shards} shard(s), {_name(dtype)}, in {seconds:.1f} s")
     return MergeResult(out_dir, isinstance(merge_plan, MergePlan), shards, verdict, seconds)
+
+
+def _base_reader(
+    inputs: MergeInputs, options: MergeOptions, skeleton: Any
+) -> tuple[frozenset[str] | None, Callable[[str, torch.Tensor], torch.Tensor]]:
+    """(the weights a 4-bit round trip changes, or None; how each base weight is read).
+
+    What the adapter was trained on: QLoRA's 4-bit weights, dequantized, unless the user asks otherwise.
+    The round-tripped weights are read through it, and checked by the light verdict."""
+    round_trip = (
+        inputs.quantization is not None
+        and inputs.quantization.bits == 4
+        and options.qlora_base == "dequantized"
+    )
+    round_tripped = frozenset(quantized_weight_names(skeleton)) if round_trip else None
+    if round_tripped is not None and inputs.quantization is not None:
+        return round_tripped, nf4_round_trip(round_tripped, inputs.quantization, inputs.base_dtype)
+    return round_tripped, _unchanged
+
+
+def _merge_plan(
+    inputs: MergeInputs, skeleton: Any, weight_map: dict[str, str] | None
+) -> tuple[MergePlan | str, bool]:
+    """The streamed merge's plan, or why streaming does not cover this adapter; and whether the run is a
+    classifier merged by streaming (its new head comes from the adapter)."""
+    from safetensors.torch import load_file
+
+    with reading(inputs.adapter_dir / ADAPTER_WEIGHTS):  # a damaged file: one line naming it
+        adapter_weights = load_file(inputs.adapter_dir / ADAPTER_WEIGHTS)
+    merge_plan = plan(inputs.adapter_config, adapter_weights, skeleton)
+    classifier = inputs.task.classifier and isinstance(merge_plan, MergePlan) and weight_map is not None
+    if classifier and isinstance(merge_plan, MergePlan) and weight_map is not None:
+        from peftrun.merge.classifier import unstreamable
+
+        # The head comes from the adapter, not the base's files; everything else must be in them.
+        merge_plan = unstreamable(merge_plan, weight_map, skeleton) or merge_plan
+    elif isinstance(merge_plan, MergePlan) and weight_map is None:
+        merge_plan = "bases without safetensors weights"
+    elif (
+        isinstance(merge_plan, MergePlan)
+        and weight_map is not None
+        and merge_plan.touched() - set(weight_map)
+    ):
+        merge_plan = "checkpoints whose tensor names differ from the model's module names"
+    return merge_plan, classifier
+
+
+def _write_weights(
+    inputs: MergeInputs,
+    tmp: Path,
+    dtype: torch.dtype,
+    options: MergeOptions,
+    max_shard_bytes: int,
+    merge_plan: MergePlan | str,
+    weight_map: dict[str, str] | None,
+    skeleton: Any,
+    base_weight: Callable[[str, torch.Tensor], torch.Tensor],
+    classifier: bool,
+    say: Callable[[str], None],
+) -> int:
+    """The merged weights into `tmp`, shard by shard where streaming covers the adapter; returns the
+    number of shards written."""
+    if not isinstance(merge_plan, MergePlan) or weight_map is None:
+        say(
+            f"[peftrun] streaming covers the LoRA family, not {merge_plan}: merging with peft's "
+            "merge_and_unload, which holds the whole model in memory"
+        )
+        return peft_merge(inputs, tmp, dtype, options.max_shard_size, base_weight)
+    say(
+        f"[peftrun] merging {merge_plan.describe()} into {inputs.base} shard by shard "
+        f"({len(set(weight_map.values()))} base file(s), largest "
+        f"{largest_file_bytes(inputs.base_dir, weight_map) / 2**20:.1f} MiB) in fp32, saved as {_name(dtype)}"
+    )
+    if classifier:
+        from peftrun.merge.classifier import write_classifier_shards
+
+        return write_classifier_shards(
+            inputs.base_dir, weight_map, merge_plan, skeleton, dtype, tmp, max_shard_bytes, base_weight
+        )
+    return write_merged_shards(
+        inputs.base_dir, weight_map, merge_plan, dtype, tmp, max_shard_bytes, base_weight
+    )
 
 
 def resolve_dtype(name: str) -> torch.dtype:

@@ -199,6 +199,6 @@ def test_a_recipe_that_is_not_utf8_is_named_with_its_line(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize(("text", "seconds"), [("30", 1800), ("1:30", 90), ("2:00:00", 7200), ("1-2", 93600)])
 def test_slurm_time_formats(text: str, seconds: int) -> None:
-    from peftrun.recipe.schema import slurm_time_seconds
+    from peftrun.recipe.slurm import slurm_time_seconds
 
     assert slurm_time_seconds(text) == seconds
