@@ -324,7 +324,10 @@ def test_two_node_job_trains_and_saves_a_verified_adapter(plain_and_preempted: d
     assert re.search(r"^1: \[peftrun\] node node2: machine rank 1 of 2$", log, re.M), log[-4000:]
     assert "global batch 4 samples = 2 process(es) x micro 2" in log
     assert json.loads((out / "manifest.json").read_text())["world_size"] == 2
-    assert re.search(r"saved \S+/final: \d+ tensors verified, saved adapter.s logits in a second slot max rel diff 0\.0e\+00", log), log[-4000:]
+    assert re.search(
+        r"saved \S+/final: \d+ tensors verified, saved adapter.s logits in a second slot max rel diff 0\.0e\+00",
+        log,
+    ), log[-4000:]
     adapter = load_file(out / "final" / "adapter_model.safetensors")
     assert adapter and all(t.any() for name, t in adapter.items() if "lora_B" in name), "the adapter trained"
     assert len(_losses(out)) == 30
