@@ -215,7 +215,8 @@ def build_lora_case(root: Path, hidden: int, layers: int, vocab: int) -> Path:
 def lora_worker(recipe: Path, out: Path) -> int:
     from peftrun.cli.main import main as peftrun_main
 
-    code = peftrun_main(["train", str(recipe)])
+    # One run directory per backend: a run directory belongs to one run (run/owner.py).
+    code = peftrun_main(["train", str(recipe), f"output_dir={out.with_suffix('')}-run"])
     record = {"rank": int(os.environ.get("RANK", "0")), "peak_rss_bytes": _peak_rss_bytes()}
     with out.open("a") as handle:  # one short line per process: appends do not interleave
         handle.write(json.dumps(record) + "\n")
