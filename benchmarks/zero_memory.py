@@ -53,6 +53,13 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--lora", action="store_true", help="the ~1B bf16 LoRA case (see above)")
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        choices=list(BACKENDS),
+        default=list(BACKENDS),
+        help="the LoRA case's backends",
+    )
     parser.add_argument("--worker", metavar="OUT_JSON", help=argparse.SUPPRESS)
     parser.add_argument("--lora-worker", nargs=2, metavar=("RECIPE", "OUT_JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -66,7 +73,8 @@ def main() -> int:
 
     rows: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, config in BACKENDS.items():
+        for name in args.backends:
+            config = BACKENDS[name]
             out = Path(tmp) / f"{config}.json"
             with socket.socket() as sock:
                 sock.bind(("127.0.0.1", 0))
@@ -124,7 +132,8 @@ def lora_case(args: argparse.Namespace) -> int:
     rows: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         recipe = build_lora_case(Path(tmp), hidden, layers, args.vocab)
-        for name, config in BACKENDS.items():
+        for name in args.backends:
+            config = BACKENDS[name]
             out = Path(tmp) / f"{config}.json"
             print(f"running {name} ...", file=sys.stderr, flush=True)
             done = launch(config, args.processes, ["--lora-worker", str(recipe), str(out)])
