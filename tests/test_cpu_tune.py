@@ -36,3 +36,12 @@ def test_on_the_cpu_the_section_is_applied_and_reported() -> None:
     plain = _lora_model()
     assert tune_for_cpu(plain, CpuConfig(matmul="torch", fused_lora=False), "cpu").fused_lora_layers == 0
     assert FusedLoraLinear not in _layer_types(plain) and nn.Linear in _layer_types(plain)
+
+
+def test_a_compiled_model_keeps_its_layer_classes() -> None:
+    """train.compile: inductor cannot lower oneDNN's pointwise linear, and fuses LoRA itself."""
+    model = _lora_model()
+    before = _layer_types(model)
+    tuning = tune_for_cpu(model, CpuConfig(matmul="onednn", malloc_cache=False), "cpu", compiled=True)
+    assert tuning == CpuTuning(matmul="torch", fused_lora_layers=0, malloc_cache=False)
+    assert _layer_types(model) == before

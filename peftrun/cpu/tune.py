@@ -23,10 +23,15 @@ class CpuTuning:
     malloc_cache: bool = False  # glibc keeps freed activation memory in the process
 
 
-def tune_for_cpu(model: Any, cfg: CpuConfig, device: Any) -> CpuTuning:
-    """Apply `cfg` to `model` (layer classes) and this process (malloc) when `device` is the CPU."""
+def tune_for_cpu(model: Any, cfg: CpuConfig, device: Any, compiled: bool = False) -> CpuTuning:
+    """Apply `cfg` to `model` (layer classes) and this process (malloc) when `device` is the CPU.
+
+    A compiled model (train.compile) keeps its layer classes: inductor cannot lower oneDNN's pointwise
+    linear op, and it fuses the LoRA products itself."""
     if getattr(device, "type", device) != "cpu":
         return CpuTuning()
+    if compiled:
+        return CpuTuning(malloc_cache=cfg.malloc_cache and keep_freed_memory())
     return CpuTuning(
         matmul="onednn" if use_cpu_matmul(model, cfg.matmul) else "torch",
         fused_lora_layers=fuse_lora_layers(model) if cfg.fused_lora else 0,

@@ -156,7 +156,7 @@ def build_model(accelerator: Any, recipe: Recipe) -> tuple[Any, Path | None, Cpu
     """The trainable model (CPU speed-ups applied on a CPU) and, where the method moves base weights,
     the saved initial adapter."""
     model = make_trainable(load_base(recipe), recipe)
-    cpu = tune_for_cpu(model, recipe.cpu, accelerator.device)
+    cpu = tune_for_cpu(model, recipe.cpu, accelerator.device, compiled=recipe.train.compile)
     if cpu.matmul == "onednn":
         accelerator.print("[peftrun] fp32 linear layers run through oneDNN on this CPU (cpu.matmul)")
     register_trainable_only_hooks(accelerator)
