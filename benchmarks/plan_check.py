@@ -24,9 +24,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -176,19 +173,9 @@ def launch_states(
     model_dir: Path, method: str, config: str, out: Path, args: argparse.Namespace
 ) -> str | None:
     """Run the states worker on 2 CPU ranks under `config`; None, or the failure's last error line."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [
-        str(Path(sys.executable).parent / "accelerate"),
-        "launch",
-        "--config_file",
-        str(REPO / "accelerate_configs" / config),
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        str(port),
-        __file__,
+    from zero_memory import launch
+
+    worker = [
         "--micro",
         str(args.micro),
         "--seq",
@@ -198,15 +185,8 @@ def launch_states(
         method,
         str(out),
     ]
-    env = {
-        **os.environ,
-        "ACCELERATE_USE_CPU": "true",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONWARNINGS": "ignore",
-        "PYTHONPATH": str(REPO),
-    }
     print(f"states: {out.stem} ...", file=sys.stderr, flush=True)
-    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+    done = launch(config, 2, worker, script=__file__)
     if done.returncode != 0:
         out.unlink(missing_ok=True)
         lines = [ln for ln in done.stderr.splitlines() if "Error" in ln or "error" in ln]

@@ -76,31 +76,9 @@ def main() -> int:
         for name in args.backends:
             config = BACKENDS[name]
             out = Path(tmp) / f"{config}.json"
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                port = sock.getsockname()[1]
-            cmd = [
-                str(Path(sys.executable).parent / "accelerate"),
-                "launch",
-                "--config_file",
-                str(REPO / "accelerate_configs" / config),
-                "--num_processes",
-                str(args.processes),
-                "--main_process_port",
-                str(port),
-                __file__,
-                *("--hidden", str(args.hidden), "--layers", str(args.layers), "--vocab", str(args.vocab)),
-                "--worker",
-                str(out),
-            ]
-            env = {
-                **os.environ,
-                "ACCELERATE_USE_CPU": "true",
-                "OMP_NUM_THREADS": "1",
-                "PYTHONWARNINGS": "ignore",
-            }
             print(f"running {name} ...", file=sys.stderr, flush=True)
-            done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+            shape = ["--hidden", str(args.hidden), "--layers", str(args.layers), "--vocab", str(args.vocab)]
+            done = launch(config, args.processes, [*shape, "--worker", str(out)])
             if done.returncode != 0:
                 print(done.stdout[-2000:], done.stderr[-4000:], file=sys.stderr)
                 return 1
@@ -109,7 +87,10 @@ def main() -> int:
     return 0
 
 
-def launch(config: str, processes: int, script_args: list[str]) -> subprocess.CompletedProcess[str]:
+def launch(
+    config: str, processes: int, script_args: list[str], script: str = __file__
+) -> subprocess.CompletedProcess[str]:
+    """`script script_args` on `processes` CPU ranks under accelerate_configs/`config`, on a free port."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -118,7 +99,7 @@ def launch(config: str, processes: int, script_args: list[str]) -> subprocess.Co
         "launch",
         *("--config_file", str(REPO / "accelerate_configs" / config)),
         *("--num_processes", str(processes), "--main_process_port", str(port)),
-        __file__,
+        script,
         *script_args,
     ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
