@@ -21,7 +21,7 @@ from peftrun.errors import UserError
 from peftrun.evaluation.evaluate import evaluate
 from peftrun.model.load import load_processor
 from peftrun.model.tasks import TASKS, Task, forward_logits, model_inputs
-from peftrun.recipe.load import load_recipe
+from peftrun.recipe.load import load_run_recipe
 from peftrun.recipe.schema import DataConfig, Recipe
 from peftrun.run.io_checks import reading
 from peftrun.run.outputs import RESOLVED_RECIPE
@@ -41,7 +41,7 @@ class LoadedRun:
         self.final = final_dir(self.run_dir)
         if not (self.final / RESOLVED_RECIPE).is_file():
             raise UserError(f"{self.run_dir}: not a finished peftrun run (no {FINAL_DIR}/{RESOLVED_RECIPE})")
-        self.recipe: Recipe = load_recipe(self.final / RESOLVED_RECIPE)
+        self.recipe: Recipe = load_run_recipe(self.final / RESOLVED_RECIPE)
         self.task: Task = TASKS[self.recipe.task]
         # The tokenizer/image processor saved beside the weights: the one the model was trained with.
         model_cfg = self.recipe.model.model_copy(update={"tokenizer": str(self.final)})
@@ -132,10 +132,10 @@ def predict_run(run_dir: str | Path, data_path: str, out_path: str | Path, overw
 
 
 def _run_task(run_dir: str | Path) -> str | None:
-    from peftrun.recipe.load import load_recipe
+    from peftrun.recipe.load import load_run_recipe
 
     path = final_dir(Path(run_dir)) / RESOLVED_RECIPE
-    return load_recipe(path).task if path.is_file() else None
+    return load_run_recipe(path).task if path.is_file() else None
 
 
 def _classify(run: LoadedRun, cfg: DataConfig, dataset: Any) -> list[dict[str, Any]]:

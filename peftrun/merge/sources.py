@@ -17,7 +17,7 @@ from peftrun.model.hub import require_local_or_reachable
 from peftrun.model.load import label_kwargs
 from peftrun.model.methods import NON_ADAPTER_KINDS
 from peftrun.model.tasks import TASKS, Task
-from peftrun.recipe.load import load_recipe
+from peftrun.recipe.load import load_run_recipe
 from peftrun.recipe.schema import QuantizationConfig
 from peftrun.run.io_checks import reading
 from peftrun.run.outputs import MANIFEST_FILE, RESOLVED_RECIPE
@@ -81,7 +81,7 @@ def read_peft_config(adapter_dir: Path) -> Any:
 def inputs_from_run(run_dir: Path) -> MergeInputs:
     """A run directory: the recipe says which base, task, dtype and quantization the adapter was trained on."""
     manifest = json.loads((run_dir / MANIFEST_FILE).read_text())
-    recipe = load_recipe(run_dir / RESOLVED_RECIPE)
+    recipe = load_run_recipe(run_dir / RESOLVED_RECIPE)
     final = run_dir / manifest.get("final", FINAL_DIR)
     if recipe.method.kind in NON_ADAPTER_KINDS:
         raise UserError(

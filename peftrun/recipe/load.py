@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from peftrun.errors import OptionError, UserError, did_you_mean
-from peftrun.recipe.schema import Recipe
+from peftrun.recipe.schema import MOVED_TO_CPU, Recipe
 
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
@@ -110,6 +110,35 @@ def _format_error(error: dict[str, Any], origin: str, from_cli: set[tuple[str, .
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe. Every problem becomes one line of a single UserError."""
     path = Path(path)
+    data = _read_mapping(path)
+    from_cli = apply_overrides(data, overrides or [])
+    return _validate(data, path, from_cli)
+
+
+def load_run_recipe(path: str | Path) -> Recipe:
+    """The resolved recipe a run wrote (final/, a checkpoint), also from an older peftrun.
+
+    A user's recipe with a moved key is an error that says where it went; a run directory is not the
+    user's to edit, so what an older peftrun wrote there is read under the keys' new names.
+    """
+    path = Path(path)
+    return _validate(upgrade_run_recipe(_read_mapping(path)), path, set())
+
+
+def upgrade_run_recipe(data: dict[str, Any]) -> dict[str, Any]:
+    """A resolved recipe's moved keys under their new names (train.cpu_matmul -> cpu.matmul, ...)."""
+    train = data.get("train")
+    if not isinstance(train, dict) or not set(train) & set(MOVED_TO_CPU):
+        return data
+    train = dict(train)
+    cpu = dict(data.get("cpu") or {})
+    for old, new in MOVED_TO_CPU.items():
+        if old in train:
+            cpu.setdefault(new.removeprefix("cpu."), train.pop(old))
+    return {**data, "train": train, "cpu": cpu}
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{path}: recipe file not found")
     try:
@@ -127,7 +156,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise UserError(f"{path}{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: a recipe is a YAML mapping of sections (model, method, data, train, ...)")
-    from_cli = apply_overrides(data, overrides or [])
+    return data
+
+
+def _validate(data: dict[str, Any], path: Path, from_cli: set[tuple[str, ...]]) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:

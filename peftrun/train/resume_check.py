@@ -89,9 +89,9 @@ def _started_shape(run_dir: Path) -> dict[str, Any] | None:
     if isinstance(recorded, dict):
         return recorded
     if (run_dir / RESOLVED_RECIPE).is_file():  # a run from before run.json
-        from peftrun.recipe.load import load_recipe
+        from peftrun.recipe.load import load_run_recipe
 
-        return recipe_shape(load_recipe(run_dir / RESOLVED_RECIPE))
+        return recipe_shape(load_run_recipe(run_dir / RESOLVED_RECIPE))
     return None
 
 

@@ -86,10 +86,10 @@ def load_for_generation(target: str | Path, base: str | None = None) -> Loaded:
 
 
 def _recipe_beside(directory: Path) -> Recipe | None:
-    from peftrun.recipe.load import load_recipe
+    from peftrun.recipe.load import load_run_recipe
 
     path = directory / RESOLVED_RECIPE
-    return load_recipe(path) if path.is_file() else None
+    return load_run_recipe(path) if path.is_file() else None
 
 
 def _dtype(recipe: Recipe | None) -> Any:

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from peftrun.errors import UserError
-from peftrun.recipe.load import load_recipe, parse_override, recipe_to_yaml
+from peftrun.recipe.load import load_recipe, load_run_recipe, parse_override, recipe_to_yaml
 
 BASE: dict[str, Any] = {"output_dir": "runs/x", "model": {"name_or_path": "m"}, "data": {"path": "d.jsonl"}}
 
@@ -202,3 +202,21 @@ def test_slurm_time_formats(text: str, seconds: int) -> None:
     from peftrun.recipe.slurm import slurm_time_seconds
 
     assert slurm_time_seconds(text) == seconds
+
+
+def test_a_run_directory_of_an_older_peftrun_still_loads(tmp_path: Path) -> None:
+    """Before the cpu: section, resolved recipes carried train.cpu_matmul, train.fused_lora and
+    train.cpu_malloc_cache: eval, merge, generate and resume read them under the new names, while a
+    user's recipe with those keys is told where they went."""
+    resolved = yaml.safe_load(recipe_to_yaml(load_recipe(_write(tmp_path, BASE))))
+    cpu = resolved.pop("cpu")
+    resolved["train"].update(cpu_matmul="torch", fused_lora=not cpu["fused_lora"], cpu_malloc_cache=False)
+    path = _write(tmp_path, resolved)
+    recipe = load_run_recipe(path)
+    assert (recipe.cpu.matmul, recipe.cpu.fused_lora, recipe.cpu.malloc_cache) == (
+        "torch",
+        not cpu["fused_lora"],
+        False,
+    )
+    with pytest.raises(UserError, match=r"moved to cpu\.matmul"):
+        load_recipe(path)
