@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from peftrun.cli.main import without_launcher_rank
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -42,6 +44,13 @@ def test_validate_prints_the_resolved_recipe(write_recipe: Any) -> None:
     result = peftrun("validate", str(write_recipe()), "train.lr=5e-4")
     assert result.returncode == 0, result.stderr
     assert "lr: 0.0005" in result.stdout and "trainable" in result.stdout and ": OK" in result.stdout
+
+
+def test_the_deepspeed_launchers_local_rank_argument_is_accepted(write_recipe: Any) -> None:
+    """`deepspeed -m peftrun RECIPE` runs `python -m peftrun --local_rank=0 RECIPE`."""
+    result = peftrun("--local_rank=0", "validate", str(write_recipe()))
+    assert result.returncode == 0, result.stderr
+    assert without_launcher_rank(["--local_rank", "1", "r.yaml", "train.lr=1"]) == ["r.yaml", "train.lr=1"]
 
 
 @pytest.mark.parametrize(

@@ -192,8 +192,23 @@ def _add_merge_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     add_publish_options(export)
 
 
+def without_launcher_rank(args: list[str]) -> list[str]:
+    """The arguments without the `--local_rank N` that the deepspeed launcher (and torch's old
+    torch.distributed.launch) adds in front of the script's own; the rank is read from LOCAL_RANK."""
+    kept: list[str] = []
+    skip_next = False
+    for arg in args:
+        if skip_next:
+            skip_next = False
+        elif arg in ("--local_rank", "--local-rank"):
+            skip_next = True
+        elif not arg.startswith(("--local_rank=", "--local-rank=")):
+            kept.append(arg)
+    return kept
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args_list = list(sys.argv[1:] if argv is None else argv)
+    args_list = without_launcher_rank(list(sys.argv[1:] if argv is None else argv))
     # `python -m peftrun recipe.yaml` (and so `accelerate launch -m peftrun recipe.yaml`) means train.
     if args_list and args_list[0] not in SUBCOMMANDS and not args_list[0].startswith("-"):
         args_list.insert(0, "train")
