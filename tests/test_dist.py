@@ -362,3 +362,17 @@ def test_packed_training_with_accumulation_on_two_processes(base: dict[str, Any]
     rows = json.loads((out / "manifest.json").read_text())["data"]["packed_rows"]
     assert rows < json.loads((out / "manifest.json").read_text())["data"]["train_samples"]
     assert_same_adapter(out, reference.output_dir, base["tiny_llama"])
+
+
+def test_streamed_training_on_two_processes(base: dict[str, Any]) -> None:
+    """data.streaming on 2 ranks: each reads the stream and keeps its slice of every global batch, so
+    2 ranks x micro 1 x accumulation 2 train what 1 process x micro 4 trains, step for step."""
+    streamed = ("data.streaming=true", "data.shuffle_buffer=16", "train.global_batch_size=4")
+    reference = run_here(
+        base["lora"], f"output_dir={base['root'] / 'stream_1proc'}", *streamed, "train.micro_batch_size=4"
+    )
+    assert reference.final_dir is not None
+    out = base["root"] / "stream_ddp"
+    launch_ok("ddp.yaml", base["lora"], f"output_dir={out}", *streamed, "train.micro_batch_size=1")
+    assert_losses_match(losses(out), losses(reference.output_dir))
+    assert_same_adapter(out, reference.output_dir, base["tiny_llama"])

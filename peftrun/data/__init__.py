@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from peftrun.data.chat.encode import ChatEncoder
 from peftrun.data.rows import split_held_out
 from peftrun.data.sources import check_file, check_source, column_map, digest_file, is_hub_id, read_rows
-from peftrun.data.templates import resolve_chat_template
+from peftrun.data.templates import adopt_chat_template
 from peftrun.data.tokenize import (
     IGNORE_INDEX,
     Sample,
@@ -164,7 +164,10 @@ def cache_key(
     """Hash of every input of the tokenized data; `sources` identify the data (content hashes)."""
     # Every DataConfig field shapes the tokens except these, which enter through `sources` and
     # `chat_template` (the resolved template text, not its name). A new field is part of the key by default.
-    settings = cfg.model_dump(exclude={"path", "val_path", "split", "chat_template"})
+    # streaming and shuffle_buffer decide how samples are read, not what they hold.
+    settings = cfg.model_dump(
+        exclude={"path", "val_path", "split", "chat_template", "streaming", "shuffle_buffer"}
+    )
     settings["columns"] = column_map(cfg.format, cfg.columns)
     inputs = {
         "pipeline": PIPELINE_VERSION,
@@ -269,13 +272,10 @@ def _source_ids(cfg: DataConfig, train_rows: datasets.Dataset | None) -> list[st
 def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int, cache_dir: Path) -> TokenizedData:
     """Tokenized train (and eval) data for `cfg`, from the cache when nothing it depends on changed.
 
-    The tokenizer is not modified, except that it adopts data.chat_template when the recipe sets one: the
-    run saves this tokenizer (final/, exports, merges), which must render chats as training did.
+    The tokenizer is not modified, except that it adopts data.chat_template when the recipe sets one.
     Raises UserError for bad data, naming the file and the row.
     """
-    chat_template = resolve_chat_template(tokenizer, cfg.chat_template) if cfg.format == "chat" else None
-    if chat_template is not None and cfg.chat_template is not None:
-        tokenizer.chat_template = chat_template
+    chat_template = adopt_chat_template(tokenizer, cfg.format, cfg.chat_template)
     columns = list(dict.fromkeys(column_map(cfg.format, cfg.columns).values()))
     # A Hub dataset is loaded first (from the HF cache when downloaded): its fingerprint is its identity.
     hub_rows = (

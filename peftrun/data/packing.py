@@ -49,6 +49,17 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
     return bins
 
 
+def packed_row(samples: Sequence[dict[str, list[int]]]) -> dict[str, list[int]]:
+    """One packed row from its member samples: ids concatenated, each sample's first label ignored,
+    positions restarting at 0 for each sample."""
+    row: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
+    for sample in samples:
+        row["input_ids"] += sample["input_ids"]
+        row["labels"] += [IGNORE_INDEX, *sample["labels"][1:]]
+        row["position_ids"] += range(len(sample["input_ids"]))
+    return row
+
+
 def pack_dataset(samples: datasets.Dataset, capacity: int) -> datasets.Dataset:
     """Packed rows (input_ids, labels, position_ids) from tokenized samples (input_ids, labels)."""
     import datasets
@@ -57,17 +68,10 @@ def pack_dataset(samples: datasets.Dataset, capacity: int) -> datasets.Dataset:
     labels: list[list[int]] = samples["labels"]
     rows: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": []}
     for members in best_fit_decreasing([len(ids) for ids in input_ids], capacity):
-        members.sort()  # keep the data file's order inside a row: easier to read when debugging
-        row_ids: list[int] = []
-        row_labels: list[int] = []
-        row_positions: list[int] = []
-        for i in members:
-            row_ids += input_ids[i]
-            row_labels += [IGNORE_INDEX, *labels[i][1:]]
-            row_positions += range(len(input_ids[i]))
-        rows["input_ids"].append(row_ids)
-        rows["labels"].append(row_labels)
-        rows["position_ids"].append(row_positions)
+        # Members in the data file's order inside a row: easier to read when debugging.
+        row = packed_row([{"input_ids": input_ids[i], "labels": labels[i]} for i in sorted(members)])
+        for name, values in row.items():
+            rows[name].append(values)
     return datasets.Dataset.from_dict(rows)
 
 

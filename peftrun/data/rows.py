@@ -18,6 +18,7 @@ from peftrun.errors import UserError
 
 if TYPE_CHECKING:
     import datasets
+    import torch.utils.data
 
     from peftrun.recipe.schema import DataConfig
 
@@ -64,7 +65,7 @@ class SampleReport:
 class TaskData:
     """What every task's data preparation returns to the training loop."""
 
-    train: datasets.Dataset
+    train: datasets.Dataset | torch.utils.data.IterableDataset[Any]  # iterable: data.streaming
     eval: datasets.Dataset | None
     report: Any  # a dataclass with lines(); recorded in the manifest
     label_names: list[str] | None = field(default=None)

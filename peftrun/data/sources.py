@@ -66,6 +66,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _HUB_TIMEOUT_S = 5.0
 # The Hub check of `validate` reads this many rows, not the whole dataset.
 _HUB_CHECK_ROWS = 200
+# data.streaming: the rows `validate` and training check before the first step.
+_STREAM_CHECK_ROWS = 1000
 
 # peftrun's column names per format; all are required but `input` (and `label` where nothing is trained).
 FIELDS = {
@@ -430,7 +432,13 @@ def check_source(cfg: DataConfig) -> None:
         limit = min(cfg.max_samples or _HUB_CHECK_ROWS, _HUB_CHECK_ROWS)
         _check_rows(cfg.path, ((None, row) for row in islice(iter(rows), limit)), cfg)
     else:
-        check_file(cfg.path, cfg, "data.path", cfg.max_samples)
+        # A stream is checked on its first rows: it may be too big to read twice.
+        rows_to_check = (
+            min(cfg.max_samples or _STREAM_CHECK_ROWS, _STREAM_CHECK_ROWS)
+            if cfg.streaming
+            else cfg.max_samples
+        )
+        check_file(cfg.path, cfg, "data.path", rows_to_check)
     if cfg.val_path is not None:
         check_file(cfg.val_path, cfg, "data.val_path")
 
@@ -489,3 +497,14 @@ def read_rows(
     file = _local_file(path, key)
     records = [record for _, record in islice(_iter_file(path, file), max_samples)]
     return _dataset_from_records(path, records, columns, as_json)
+
+
+def iter_local_rows(path: str, key: str = "data.path") -> Iterator[dict[str, Any]]:
+    """The records of a local file, in order, checked as they are read (data.streaming reads with it)."""
+    for _, record in _iter_file(path, _local_file(path, key)):
+        yield record
+
+
+def load_hub_stream(path: str, split: str, key: str = "data.path") -> Iterator[dict[str, Any]]:
+    """The rows of a Hub dataset, streamed (downloaded as they are read, or from the local cache)."""
+    yield from _load_hub(path, split, key, streaming=not _hub_offline())

@@ -14,6 +14,7 @@ from peftrun.errors import UserError, did_you_mean
 __all__ = [
     "CHAT_TEMPLATES",
     "PROMPT_RENDERERS",
+    "adopt_chat_template",
     "recipe_chat_template",
     "render_alpaca_prompt",
     "render_plain_prompt",
@@ -110,4 +111,17 @@ def resolve_chat_template(tokenizer: Any, name: str | None) -> str:
         raise UserError(
             f"the tokenizer has no chat template; set data.chat_template to one of {', '.join(CHAT_TEMPLATES)}"
         )
+    return template
+
+
+def adopt_chat_template(tokenizer: Any, fmt: str, name: str | None) -> str | None:
+    """The resolved chat template of a chat set (None for other formats); the tokenizer adopts the recipe's.
+
+    The run saves this tokenizer (final/, exports, merges), which must render chats as training did.
+    """
+    if fmt != "chat":
+        return None
+    template = resolve_chat_template(tokenizer, name)
+    if name is not None:
+        tokenizer.chat_template = template
     return template

@@ -77,7 +77,12 @@ def deepspeed_requested() -> bool:
 
 def make_accelerator(recipe: Recipe, log_with: list[str]) -> Any:
     from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, ProjectConfiguration
+    from accelerate.utils import (
+        DataLoaderConfiguration,
+        GradientAccumulationPlugin,
+        InitProcessGroupKwargs,
+        ProjectConfiguration,
+    )
 
     world_size = launcher_world_size()
     _check_cpu_flag_launch(world_size)
@@ -102,6 +107,9 @@ def make_accelerator(recipe: Recipe, log_with: list[str]) -> Any:
         deepspeed_plugin=_deepspeed_plugin(recipe, accumulation, world_size) if deepspeed else None,
         # One scheduler step per optimizer step, whatever the number of processes.
         step_scheduler_with_optimizer=False,
+        # A stream (data.streaming) is read by every process, each keeping its slice of every global batch:
+        # dispatching from the main process would concatenate batches of different lengths.
+        dataloader_config=DataLoaderConfiguration(dispatch_batches=False),
         log_with=log_with or None,
         project_config=ProjectConfiguration(
             project_dir=str(recipe.output_dir), logging_dir=str(recipe.output_dir / "tensorboard")

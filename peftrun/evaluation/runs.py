@@ -52,7 +52,13 @@ class LoadedRun:
     def data_config(self, path: str) -> DataConfig:
         """The run's data settings (format, columns, class names, lengths) pointed at `path`."""
         return self.recipe.data.model_copy(
-            update={"path": path, "val_path": None, "val_fraction": 0.0, "max_samples": None}
+            update={
+                "path": path,
+                "val_path": None,
+                "val_fraction": 0.0,
+                "max_samples": None,
+                "streaming": False,  # evaluation reads every row, and reports their count
+            }
         )
 
     @property
@@ -89,7 +95,7 @@ def evaluate_run(
     result = evaluate(
         accelerator, model, accelerator.prepare(run.loader(data.train, collate)), run.task, None, cfg.labels
     )
-    result = {"data": str(Path(data_path).resolve()), "samples": len(data.train), **result}
+    result = {"data": str(Path(data_path).resolve()), "samples": len(data.train), **result}  # type: ignore[arg-type]  # never streamed
 
     with staged_output(out) as tmp:
         (tmp / METRICS_JSON).write_text(json.dumps(result, indent=1))

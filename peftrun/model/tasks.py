@@ -28,6 +28,7 @@ from peftrun.data.encoder_text import (
 from peftrun.data.images import ImageCollator, prepare_images
 from peftrun.data.packing import collate_packed, pack_dataset
 from peftrun.data.rows import TaskData
+from peftrun.data.streaming import prepare_stream
 from peftrun.data.tokenize import IGNORE_INDEX
 from peftrun.recipe.schema import TASK_TRAITS, DataConfig, TaskTraits
 
@@ -241,6 +242,8 @@ def classifier_metrics(
 def causal_lm_data(
     cfg: DataConfig, tokenizer: Any, seed: int, cache_dir: Any, labelled: bool = True
 ) -> TaskData:
+    if cfg.streaming:
+        return prepare_stream(cfg, tokenizer, seed, cache_dir)
     data = prepare_data(cfg, tokenizer, seed, cache_dir=cache_dir)
     if not cfg.packing:
         return TaskData(data.train, data.eval, data.report)

@@ -212,10 +212,28 @@ class DataConfig(Section):
         None, gt=0, description="Use only the first N samples (quick experiments)."
     )
 
+    streaming: bool = Field(
+        False,
+        description="causal_lm: read and tokenize the training data as training consumes it, for sets too big "
+        "to tokenize up front; needs train.max_steps. Gives up exact epochs, length grouping, val_fraction "
+        "and the token cache; the shuffle is within shuffle_buffer (docs/data.md).",
+    )
+    shuffle_buffer: int = Field(
+        10_000, gt=0, description="data.streaming: samples held in the shuffle buffer (more: better mixed)."
+    )
+
     @model_validator(mode="after")
     def _one_validation_source(self) -> DataConfig:
         if self.val_path is not None and self.val_fraction > 0:
             raise ValueError("set either val_fraction or val_path, not both")
+        if self.streaming and self.val_fraction > 0:
+            raise ValueError(
+                "data.val_fraction needs the whole set up front; with data.streaming give data.val_path"
+            )
+        if self.streaming and self.group_by_length:
+            raise ValueError(
+                "data.group_by_length needs every length up front; leave it off with data.streaming"
+            )
         return self
 
 
@@ -427,6 +445,12 @@ class Recipe(Section):
             raise ValueError(
                 f"data.packing cannot be used with method.kind={self.method.kind}: its virtual tokens would "
                 "be shared by every sample of a packed sequence"
+            )
+        if self.data.streaming and self.task != "causal_lm":
+            raise ValueError(f"data.streaming is for causal_lm, not {self.task}")
+        if self.data.streaming and self.train.max_steps is None:
+            raise ValueError(
+                "data.streaming: a stream has no length, so set train.max_steps (epochs cannot be counted)"
             )
         if self.data.group_by_length and self.task == "image_classification":
             raise ValueError("data.group_by_length: images have no length; leave it off")

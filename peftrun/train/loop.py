@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from peftrun.dist.signals import SCHEDULER_SIGNALS, StopRequest, requeue_slurm_job
+from peftrun.errors import UserError
 from peftrun.evaluation.evaluate import eval_summary, evaluate
 from peftrun.evaluation.samples import log_samples
 from peftrun.model.methods import after_optimizer_step
@@ -78,6 +79,7 @@ def run_loop(run: Run, stop: StopRequest) -> tuple[bool, bool]:
     tokens_in_window = 0
     run.model.train()
     while state.step < run.total_steps and not stopping:
+        steps_at_epoch_start = state.step
         # Through the loader: accelerate's loader re-sets the sampler's epoch from its own counter on
         # every iter (a resumed run's counter starts at 0), and skip_first_batches copies that counter.
         run.train_loader.set_epoch(state.epoch)
@@ -109,6 +111,11 @@ def run_loop(run: Run, stop: StopRequest) -> tuple[bool, bool]:
             if state.step >= run.total_steps or stopping:
                 break
         else:  # the epoch ran out
+            if state.step == steps_at_epoch_start:  # a stream can run dry; a dataset is checked up front
+                raise UserError(
+                    f"data: a whole pass over the training data gave no optimizer step ({accumulation} "
+                    "micro-batches per process needed); add data or lower the batch size"
+                )
             state.epoch += 1
             state.batches_in_epoch = 0
     progress.close()
@@ -178,7 +185,7 @@ def _log_step(run: Run, progress: Any, loss: float, grad_norm: float | None, tok
     state = run.state
     record = {
         "step": state.step,
-        "epoch": round(state.epoch + state.batches_in_epoch / len(run.train_loader), 4),
+        "epoch": _epoch_progress(run),
         "loss": loss,
         "lr": run.scheduler.get_last_lr()[0],
         "grad_norm": grad_norm,
@@ -187,6 +194,14 @@ def _log_step(run: Run, progress: Any, loss: float, grad_norm: float | None, tok
     }
     _log(run, record)
     progress.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{tokens_per_s:.0f}")
+
+
+def _epoch_progress(run: Run) -> float:
+    """Epochs done, with the fraction of the current one (a stream has no length: its passes done)."""
+    state = run.state
+    if run.recipe.data.streaming:
+        return float(state.epoch)
+    return round(state.epoch + state.batches_in_epoch / len(run.train_loader), 4)
 
 
 def _evaluate_and_checkpoint(run: Run) -> None:

@@ -8,11 +8,12 @@ in preflight, before either.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from peftrun.cpu.tune import CpuTuning, tune_for_cpu
 from peftrun.data.rows import TaskData
@@ -95,7 +96,7 @@ def setup_run(recipe: Recipe, checks: Preflight) -> Run:
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
-    total_steps = _total_steps(accelerator, recipe, len(data.train), len(train_loader))
+    total_steps = _total_steps(accelerator, recipe, data, train_loader)
     scheduler = prepare_scheduler(accelerator, build_scheduler(optimizer, recipe.train, total_steps))
     set_total_steps(accelerator.unwrap_model(model), recipe.method.kind, total_steps)
     state, metrics = _resume(accelerator, recipe, resume_from, total_steps)
@@ -122,8 +123,9 @@ def setup_run(recipe: Recipe, checks: Preflight) -> Run:
         samples=eval_samples_for(recipe, processor, accelerator),
     )
     micro, accumulation = recipe.train.micro_batch_size, accelerator.gradient_accumulation_steps
+    per_epoch = "streamed" if recipe.data.streaming else f"{len(train_loader) // accumulation}/epoch"
     run.say(
-        f"{total_steps} optimizer steps ({len(train_loader) // accumulation}/epoch), global batch "
+        f"{total_steps} optimizer steps ({per_epoch}), global batch "
         f"{micro * accumulation * accelerator.num_processes} samples = {accelerator.num_processes} process(es) "
         f"x micro {micro} x accumulation {accumulation}"
     )
@@ -178,7 +180,9 @@ def build_loaders(
     # Each epoch is cut to whole optimizer steps over all processes, the same cut for any process count.
     step_samples = micro * accelerator.gradient_accumulation_steps * accelerator.num_processes
     sampler = (
-        LengthGroupedShuffle(
+        None  # a stream shuffles itself (data.streaming)
+        if isinstance(data.train, IterableDataset)
+        else LengthGroupedShuffle(
             [len(ids) for ids in data.train["input_ids"]], micro, recipe.train.seed, step_samples
         )
         if recipe.data.group_by_length and not recipe.data.packing
@@ -203,12 +207,22 @@ def build_loaders(
         if data.eval is not None and len(data.eval) > 0
         else None
     )
-    probe_source = data.eval if eval_loader is not None and data.eval is not None else data.train
-    probe_batch = eval_collate_fn([probe_source[i] for i in range(min(2, len(probe_source)))])
+    probe_batch = eval_collate_fn(_probe_samples(data.eval if eval_loader is not None else None, data.train))
     return train_loader, eval_loader, probe_batch
 
 
-def _total_steps(accelerator: Any, recipe: Recipe, samples: int, micro_batches: int) -> int:
+def _probe_samples(eval_set: Any, train_set: Any) -> list[Any]:
+    """Two samples for the final checks: from the eval set, else from the training set (or stream)."""
+    source = eval_set if eval_set is not None else train_set
+    if isinstance(source, IterableDataset):
+        return list(islice(iter(source), 2))
+    return [source[i] for i in range(min(2, len(source)))]
+
+
+def _total_steps(accelerator: Any, recipe: Recipe, data: TaskData, train_loader: Any) -> int:
+    if recipe.train.max_steps is not None and isinstance(data.train, IterableDataset):
+        return recipe.train.max_steps  # a stream has no length (the recipe requires max_steps with it)
+    samples, micro_batches = len(data.train), len(train_loader)  # type: ignore[arg-type]
     accumulation = accelerator.gradient_accumulation_steps
     steps_per_epoch = micro_batches // accumulation
     if steps_per_epoch == 0:
