@@ -77,7 +77,8 @@ def test_no_split_without_val_settings(tok: Any, tmp_path: Path) -> None:
         DataConfig(path=str(write_jsonl(tmp_path / "a.jsonl", alpaca_rows(4)))), tok, 0, tmp_path
     )
     assert data.eval is None
-    assert data.train.column_names == ["input_ids", "labels"]
+    assert data.train.column_names == ["input_ids", "labels", "length"]
+    assert data.train["length"] == [len(ids) for ids in data.train["input_ids"]]
 
 
 def test_too_small_for_a_split(tok: Any, tmp_path: Path) -> None:
