@@ -55,7 +55,11 @@ def recording_failure(entry: Path) -> Iterator[None]:
         yield
     except Exception as exc:
         # UserError's one line as the user sees it; anything else by type, the traceback is the main's.
-        line = str(exc) if isinstance(exc, UserError) else f"data preparation failed: {type(exc).__name__}: {exc}"
+        line = (
+            str(exc)
+            if isinstance(exc, UserError)
+            else f"data preparation failed: {type(exc).__name__}: {exc}"
+        )
         entry.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(line.splitlines()[0] if line else type(exc).__name__)
         raise

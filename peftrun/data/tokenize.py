@@ -33,8 +33,8 @@ if TYPE_CHECKING:
     from peftrun.recipe.schema import DataConfig
 
 __all__ = [
-    "IGNORE_INDEX",
     "DROP_REASONS",
+    "IGNORE_INDEX",
     "Outcome",
     "Sample",
     "SampleEncoder",

@@ -7,6 +7,8 @@ in preflight, before either.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from peftrun.cpu.tune import CpuTuning, tune_for_cpu
+from peftrun.data import DataSharing
+from peftrun.data.packing import sample_lengths
 from peftrun.data.rows import TaskData
 from peftrun.data.sampling import EpochShuffle, LengthGroupedShuffle
 from peftrun.dist.accelerator import make_accelerator, prepare_scheduler
@@ -134,12 +138,17 @@ def load_data(accelerator: Any, recipe: Recipe, task: Task) -> tuple[Any, TaskDa
     """The processor, the task's data, and the recipe with the class names the data resolved to.
 
     The data pipeline tokenizes with the tokenizer (or reads images for the image processor), so it
-    comes first. The local main process tokenizes (and caches) before the others read the cache: no
-    rank tokenizes while others wait in a collective that could time out.
+    comes first. The local main process tokenizes (and caches) before the others read the cache. For
+    causal-LM data, which can take long, the others wait by watching the cache entry, not in a
+    collective that could time out (peftrun.data.shared); the small data of other tasks is read in a barrier.
     """
     processor = load_processor(recipe.model, recipe.task)
-    with accelerator.local_main_process_first():
-        data = task.prepare(recipe.data, processor, recipe.train.seed, tokenized_cache_dir())
+    if task.shares_prepared_data:
+        sharing = DataSharing(main=accelerator.is_local_main_process, log=_data_log(accelerator))
+        data = task.prepare(recipe.data, processor, recipe.train.seed, tokenized_cache_dir(), sharing=sharing)
+    else:
+        with accelerator.local_main_process_first():
+            data = task.prepare(recipe.data, processor, recipe.train.seed, tokenized_cache_dir())
     for line in data.report.lines():
         accelerator.print(f"[peftrun] {line}")
     if data.label_names is not None and data.label_names != recipe.data.labels:
@@ -150,6 +159,14 @@ def load_data(accelerator: Any, recipe: Recipe, task: Task) -> tuple[Any, TaskDa
         )
         _write_resolved_recipe(accelerator, recipe)
     return processor, data, recipe
+
+
+def _data_log(accelerator: Any) -> Callable[[str], None]:
+    """The main process logs its progress as every run line; a waiting rank says it waits, with its rank."""
+    if accelerator.is_local_main_process:
+        return lambda line: accelerator.print(f"[peftrun] {line}")
+    rank = accelerator.process_index
+    return lambda line: print(f"[peftrun] rank {rank}: {line}", file=sys.stderr, flush=True)
 
 
 def build_model(accelerator: Any, recipe: Recipe) -> tuple[Any, Path | None, CpuTuning]:
@@ -178,9 +195,7 @@ def build_loaders(
     # Each epoch is cut to whole optimizer steps over all processes, the same cut for any process count.
     step_samples = micro * accelerator.gradient_accumulation_steps * accelerator.num_processes
     sampler = (
-        LengthGroupedShuffle(
-            [len(ids) for ids in data.train["input_ids"]], micro, recipe.train.seed, step_samples
-        )
+        LengthGroupedShuffle(sample_lengths(data.train).tolist(), micro, recipe.train.seed, step_samples)
         if recipe.data.group_by_length and not recipe.data.packing
         else EpochShuffle(len(data.train), recipe.train.seed, step_samples)
     )
