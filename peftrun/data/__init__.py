@@ -297,7 +297,12 @@ def _build_entry(
     with staged_dir(entry, is_complete=_is_complete) as tmp, _no_progress_bars():
         work = tmp / "work"  # the per-source map outputs; the entry keeps only the assembled splits
         train = _tokenize(inputs, inputs.cfg.path, train_rows, work / "train", sharing)
-        val = _tokenize(inputs, inputs.cfg.val_path, val_rows, work / "val", sharing) if val_rows else None
+        val_path = inputs.cfg.val_path
+        val = (
+            _tokenize(inputs, val_path, val_rows, work / "val", sharing)
+            if val_path is not None and val_rows is not None
+            else None
+        )
         data = _assemble(inputs.cfg, train, val, inputs.seed)
         if inputs.cfg.format == "chat" and inputs.chat_template is not None:
             data.report.chat_masks = ChatEncoder(inputs.tokenizer, inputs.chat_template, inputs.cfg).method
@@ -306,9 +311,9 @@ def _build_entry(
 
 
 def _tokenize(
-    inputs: _Inputs, path: str | None, rows: datasets.Dataset, work: Path, sharing: DataSharing
+    inputs: _Inputs, path: str, rows: datasets.Dataset, work: Path, sharing: DataSharing
 ) -> TokenizedSource:
-    assert path is not None
+    """One source's rows -> its tokenized Arrow dataset and counts (`path` names it in errors and logs)."""
     encoder = SampleEncoder(inputs.tokenizer, inputs.cfg, path, inputs.chat_template)
     num_proc = inputs.cfg.num_proc or default_num_proc(len(rows))
     progress = Progress(f"tokenizing {path}", len(rows), sharing.log, sharing.interval_s)
