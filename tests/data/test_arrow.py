@@ -78,3 +78,30 @@ def test_default_num_proc() -> None:
     assert default_num_proc(100_000, cpus=16) == 5
     assert default_num_proc(10_000_000, cpus=16) == 8
     assert default_num_proc(10_000_000, cpus=2) == 2
+
+
+def test_chat_rows_of_a_known_template_in_worker_processes(tok: Any, tmp_path: Path) -> None:
+    """The chat encoder (template family, turn markers) is pickled into the workers and gives the same tokens."""
+    from peftrun.data.templates import CHAT_TEMPLATES
+
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"say {i}"},
+                {"role": "assistant", "content": f"apple {i}"},
+            ]
+        }
+        for i in range(60)
+    ]
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    cfg = DataConfig(path=str(path), format="chat", chat_template="chatml")
+    encoder = SampleEncoder(tok, cfg, str(path), CHAT_TEMPLATES["chatml"])
+    assert encoder.chat is not None and encoder.chat.known
+    source = read_rows(str(path), columns=["messages"], as_json=True)
+    found = [
+        tokenize_source(encoder, source, tmp_path / str(n), n, Progress("x", len(source), None)).dataset
+        for n in (1, 2)
+    ]
+    assert found[0].to_list() == found[1].to_list()
+    samples, _ = encoder.encode([dict(r) for r in source])
+    assert found[0]["input_ids"] == [s.input_ids for s in samples]
