@@ -14,6 +14,7 @@ import resource
 import sys
 
 from peftrun.data import DataSharing
+from peftrun.data.packing import PackedDataset
 from peftrun.errors import UserError
 from peftrun.model.tasks import causal_lm_data
 from peftrun.recipe.schema import DataConfig
@@ -40,7 +41,7 @@ def main() -> int:
     except UserError as exc:
         print(exc, file=sys.stderr)
         return 2
-    samples = data.train.samples if hasattr(data.train, "samples") else data.train  # packed: its samples
+    samples = data.train.samples if isinstance(data.train, PackedDataset) else data.train
     found = {
         "files": [f["filename"] for f in samples.cache_files],
         "train": len(data.train),
