@@ -6,32 +6,33 @@
 
 Tokenized data is cached on disk under a hash of everything that shapes the tokens (file bytes,
 tokenizer, chat template, the `data` settings, PIPELINE_VERSION), so a changed input is never served
-from a stale cache.
+from a stale cache. An entry holds Arrow files written batch by batch (`arrow.py`), which every process
+of a run memory-maps: one process per machine tokenizes, the others wait for its entry (`shared.py`).
+
+Building an entry is two steps, so that more sources slot in: per source, rows -> a tokenized Arrow
+dataset with per-row columns (`tokenize_source`); then `_assemble` selects the train/eval samples by
+index and counts the report from those columns.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from peftrun.data.arrow import SAMPLE_COLUMNS, TokenizedSource, column, default_num_proc, tokenize_source
 from peftrun.data.chat.encode import ChatEncoder
-from peftrun.data.rows import split_held_out
+from peftrun.data.progress import Progress
+from peftrun.data.rows import holdout_rows
+from peftrun.data.shared import DataSharing, recording_failure, wait_for_entry
 from peftrun.data.sources import check_file, check_source, column_map, digest_file, is_hub_id, read_rows
 from peftrun.data.templates import adopt_chat_template
-from peftrun.data.tokenize import (
-    IGNORE_INDEX,
-    Sample,
-    SampleEncoder,
-    TokenizeStats,
-    attention_mask,
-    pad,
-    supervised_count,
-)
+from peftrun.data.tokenize import IGNORE_INDEX, SampleEncoder, TokenizeStats, attention_mask, pad
 from peftrun.errors import UserError
 from peftrun.staging import staged_dir
 
@@ -45,6 +46,7 @@ __all__ = [
     "IGNORE_INDEX",
     "PIPELINE_VERSION",
     "DataReport",
+    "DataSharing",
     "TokenizedData",
     "check_source",
     "collate",
@@ -53,9 +55,7 @@ __all__ = [
 ]
 
 # Bump whenever the tokens produced for the same inputs change, so old caches are not reused.
-PIPELINE_VERSION = "2"  # 2: chat spans from one rendering
-# Rows tokenized per tokenizer call: big enough to amortise the call, small enough to stay lean.
-_BATCH_ROWS = 1000
+PIPELINE_VERSION = "3"  # 2: chat spans from one rendering; 3: Arrow files from Dataset.map, a length column
 
 
 @dataclass
@@ -108,7 +108,7 @@ class DataReport:
 
 @dataclass
 class TokenizedData:
-    train: datasets.Dataset  # columns input_ids, labels (lists of int)
+    train: datasets.Dataset  # columns input_ids, labels (lists of int32), length
     eval: datasets.Dataset | None
     report: DataReport
 
@@ -164,9 +164,9 @@ def cache_key(
     """Hash of every input of the tokenized data; `sources` identify the data (content hashes)."""
     # Every DataConfig field shapes the tokens except these, which enter through `sources` and
     # `chat_template` (the resolved template text, not its name). A new field is part of the key by default.
-    # streaming and shuffle_buffer decide how samples are read, not what they hold.
+    # num_proc, streaming and shuffle_buffer decide how samples are made or read, not what they hold.
     settings = cfg.model_dump(
-        exclude={"path", "val_path", "split", "chat_template", "streaming", "shuffle_buffer"}
+        exclude={"path", "val_path", "split", "chat_template", "num_proc", "streaming", "shuffle_buffer"}
     )
     settings["columns"] = column_map(cfg.format, cfg.columns)
     inputs = {
@@ -180,10 +180,15 @@ def cache_key(
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _load_cached(entry: Path) -> TokenizedData:
+def _is_complete(entry: Path) -> bool:
+    return (entry / "report.json").is_file()  # written last, inside the staged entry
+
+
+def _load_cached(entry: Path, cache_hit: bool) -> TokenizedData:
+    """The entry's datasets, memory-mapped from its Arrow files (every process maps the same pages)."""
     import datasets
 
-    report = DataReport(**{**json.loads((entry / "report.json").read_text()), "cache_hit": True})
+    report = DataReport(**{**json.loads((entry / "report.json").read_text()), "cache_hit": cache_hit})
     eval_dir = entry / "eval"
     return TokenizedData(
         train=datasets.load_from_disk(str(entry / "train")),
@@ -194,7 +199,7 @@ def _load_cached(entry: Path) -> TokenizedData:
 
 @contextmanager
 def _no_progress_bars() -> Iterator[None]:
-    """Silence datasets' bars for a write that takes milliseconds; restores the caller's setting."""
+    """Silence datasets' bars (peftrun logs its own progress lines); restores the caller's setting."""
     from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     was_disabled = are_progress_bars_disabled()
@@ -206,48 +211,15 @@ def _no_progress_bars() -> Iterator[None]:
             enable_progress_bars()
 
 
-def _save_cached(entry: Path, data: TokenizedData) -> None:
-    """Write the entry in a temporary sibling and rename it into place, so it is complete or absent."""
-    # A concurrent run may write the same entry first: it holds the same tokens.
-    with staged_dir(entry, is_complete=lambda e: (e / "report.json").is_file()) as tmp:
-        with _no_progress_bars():
-            data.train.save_to_disk(str(tmp / "train"))
-            if data.eval is not None:
-                data.eval.save_to_disk(str(tmp / "eval"))
-        (tmp / "report.json").write_text(json.dumps(asdict(data.report), indent=1))
+def _write_entry(tmp: Path, data: TokenizedData) -> None:
+    """The datasets (index selections written out in batches) and, last, the report that marks it complete."""
+    data.train.save_to_disk(str(tmp / "train"))
+    if data.eval is not None:
+        data.eval.save_to_disk(str(tmp / "eval"))
+    (tmp / "report.json").write_text(json.dumps(asdict(data.report), indent=1))
 
 
 # -------------------------------------------------------------------------------------------- prepare
-
-
-def _encode_rows(encoder: SampleEncoder, rows: datasets.Dataset) -> tuple[list[Sample], TokenizeStats]:
-    """Tokenize every row, a batch at a time.
-
-    Plain Python rather than Dataset.map: on 10k alpaca rows both take the same time (the tokenizer call
-    is ~80% of it), and this keeps exact row numbers and skips map's fingerprint hashing.
-    """
-    samples: list[Sample] = []
-    stats = TokenizeStats()
-    for start in range(0, len(rows), _BATCH_ROWS):
-        columns = rows[start : start + _BATCH_ROWS]
-        batch = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
-        batch_samples, batch_stats = encoder.encode(batch, first_row=start + 1)
-        samples += batch_samples
-        stats += batch_stats
-    return samples, stats
-
-
-def _to_dataset(samples: list[Sample]) -> datasets.Dataset:
-    import datasets
-
-    features = datasets.Features(
-        {
-            "input_ids": datasets.List(datasets.Value("int32")),
-            "labels": datasets.List(datasets.Value("int32")),
-        }
-    )
-    columns = {"input_ids": [s.input_ids for s in samples], "labels": [s.labels for s in samples]}
-    return datasets.Dataset.from_dict(columns, features=features)
 
 
 def _read_local(path: str, cfg: DataConfig, key: str, columns: list[str]) -> datasets.Dataset:
@@ -269,12 +241,17 @@ def _source_ids(cfg: DataConfig, train_rows: datasets.Dataset | None) -> list[st
     return ids
 
 
-def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int, cache_dir: Path) -> TokenizedData:
+def prepare_data(
+    cfg: DataConfig, tokenizer: Any, seed: int, cache_dir: Path, sharing: DataSharing | None = None
+) -> TokenizedData:
     """Tokenized train (and eval) data for `cfg`, from the cache when nothing it depends on changed.
 
+    The datasets are memory-mapped from the cache entry. With `sharing.main` False this process does not
+    tokenize: it waits for the main process to write the entry (see `shared.py`), then maps it too.
     The tokenizer is not modified, except that it adopts data.chat_template when the recipe sets one.
     Raises UserError for bad data, naming the file and the row.
     """
+    sharing = sharing or DataSharing()
     chat_template = adopt_chat_template(tokenizer, cfg.format, cfg.chat_template)
     columns = list(dict.fromkeys(column_map(cfg.format, cfg.columns).values()))
     # A Hub dataset is loaded first (from the HF cache when downloaded): its fingerprint is its identity.
@@ -283,34 +260,87 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int, cache_dir: Path) ->
     )
     key = cache_key(cfg, tokenizer, chat_template, seed, _source_ids(cfg, hub_rows))
     entry = Path(cache_dir) / f"data-{key}"
-    if (entry / "report.json").is_file():
-        return _load_cached(entry)
-
-    train_rows = hub_rows if hub_rows is not None else _read_local(cfg.path, cfg, "data.path", columns)
-    samples, stats = _encode_rows(SampleEncoder(tokenizer, cfg, cfg.path, chat_template), train_rows)
-
-    eval_samples: list[Sample] = []
-    if cfg.val_fraction > 0:
-        samples, eval_samples = split_held_out(
-            samples, lambda s: s.row, len(train_rows), cfg.val_fraction, seed
+    if _is_complete(entry):
+        return _load_cached(entry, cache_hit=True)
+    if not sharing.main:
+        wait_for_entry(entry, _is_complete, sharing)
+        return _load_cached(entry, cache_hit=False)
+    with recording_failure(entry):
+        train_rows = hub_rows if hub_rows is not None else _read_local(cfg.path, cfg, "data.path", columns)
+        val_rows = (
+            _read_local(cfg.val_path, cfg, "data.val_path", columns)
+            if cfg.val_path is not None and cfg.val_fraction == 0
+            else None
         )
-    elif cfg.val_path is not None:
-        val_rows = _read_local(cfg.val_path, cfg, "data.val_path", columns)
-        val_encoder = SampleEncoder(tokenizer, cfg, cfg.val_path, chat_template)
-        eval_samples, eval_stats = _encode_rows(val_encoder, val_rows)
-        stats += eval_stats
+        _build_entry(entry, _Inputs(cfg, tokenizer, chat_template, seed), train_rows, val_rows, sharing)
+    return _load_cached(entry, cache_hit=False)
 
-    data = _assemble(cfg, samples, eval_samples, stats)
-    if cfg.format == "chat" and chat_template is not None:
-        data.report.chat_masks = ChatEncoder(tokenizer, chat_template, cfg).method
-    _save_cached(entry, data)
-    return data
+
+@dataclass(frozen=True)
+class _Inputs:
+    cfg: DataConfig
+    tokenizer: Any
+    chat_template: str | None
+    seed: int
+
+
+def _build_entry(
+    entry: Path,
+    inputs: _Inputs,
+    train_rows: datasets.Dataset,
+    val_rows: datasets.Dataset | None,
+    sharing: DataSharing,
+) -> None:
+    """Tokenize each source into Arrow files, assemble the splits, and publish the entry whole."""
+    # A concurrent run (another machine on a shared cache) may publish the same entry first: same tokens.
+    with staged_dir(entry, is_complete=_is_complete) as tmp, _no_progress_bars():
+        work = tmp / "work"  # the per-source map outputs; the entry keeps only the assembled splits
+        train = _tokenize(inputs, inputs.cfg.path, train_rows, work / "train", sharing)
+        val_path = inputs.cfg.val_path
+        val = (
+            _tokenize(inputs, val_path, val_rows, work / "val", sharing)
+            if val_path is not None and val_rows is not None
+            else None
+        )
+        data = _assemble(inputs.cfg, train, val, inputs.seed)
+        if inputs.cfg.format == "chat" and inputs.chat_template is not None:
+            data.report.chat_masks = ChatEncoder(inputs.tokenizer, inputs.chat_template, inputs.cfg).method
+        _write_entry(tmp, data)
+        shutil.rmtree(work)
+
+
+def _tokenize(
+    inputs: _Inputs, path: str, rows: datasets.Dataset, work: Path, sharing: DataSharing
+) -> TokenizedSource:
+    """One source's rows -> its tokenized Arrow dataset and counts (`path` names it in errors and logs)."""
+    encoder = SampleEncoder(inputs.tokenizer, inputs.cfg, path, inputs.chat_template)
+    num_proc = inputs.cfg.num_proc or default_num_proc(len(rows))
+    progress = Progress(f"tokenizing {path}", len(rows), sharing.log, sharing.interval_s)
+    return tokenize_source(encoder, rows, work, num_proc, progress)
 
 
 def _assemble(
-    cfg: DataConfig, train: list[Sample], held_out: list[Sample], stats: TokenizeStats
+    cfg: DataConfig, train: TokenizedSource, val: TokenizedSource | None, seed: int
 ) -> TokenizedData:
-    """Datasets and report; an empty split is a UserError (training or evaluating on nothing)."""
+    """The splits (index selections of the tokenized sources, nothing copied) and the report; an empty
+    split is a UserError (training or evaluating on nothing)."""
+    import numpy as np
+
+    kept = column(train.dataset, "dropped") == 0
+    held_out: datasets.Dataset | None = None
+    if cfg.val_fraction > 0:
+        chosen = np.fromiter(holdout_rows(len(train.dataset), cfg.val_fraction, seed), dtype=np.int64)
+        held = np.isin(column(train.dataset, "row"), chosen)
+        train_split = train.dataset.select((kept & ~held).nonzero()[0])
+        held_out = train.dataset.select((kept & held).nonzero()[0])
+    else:
+        train_split = train.dataset.select(kept.nonzero()[0])
+        if val is not None:
+            held_out = val.dataset.select(val.kept_indices())
+    stats = TokenizeStats()
+    for source in (train, val):
+        if source is not None:
+            stats += source.stats
     report = DataReport(
         rows=stats.rows,
         kept=stats.kept,
@@ -318,20 +348,19 @@ def _assemble(
         template_warnings=stats.template_warnings,
         dropped_overlong=stats.dropped_overlong,
         dropped_empty=stats.dropped_empty,
-        train_samples=len(train),
-        eval_samples=len(held_out),
-        supervised_tokens=sum(supervised_count(s.labels) for s in train),
-        total_tokens=sum(len(s.input_ids) for s in train),
+        train_samples=len(train_split),
+        eval_samples=len(held_out) if held_out is not None else 0,
+        supervised_tokens=int(column(train_split, "supervised").sum(dtype=np.int64)),
+        total_tokens=int(column(train_split, "length").sum(dtype=np.int64)),
         cache_hit=False,
     )
     counts = "; ".join(report.lines()[:2])
-    if not train:
+    if not len(train_split):
         raise UserError(f"{cfg.path}: no training samples left ({counts})")
-    wants_eval = cfg.val_fraction > 0 or cfg.val_path is not None
-    if wants_eval and not held_out:
+    if held_out is not None and not len(held_out):
         raise UserError(f"{cfg.val_path or cfg.path}: no evaluation samples left ({counts})")
     return TokenizedData(
-        train=_to_dataset(train),
-        eval=_to_dataset(held_out) if wants_eval else None,
+        train=train_split.select_columns(SAMPLE_COLUMNS),
+        eval=held_out.select_columns(SAMPLE_COLUMNS) if held_out is not None else None,
         report=report,
     )

@@ -12,32 +12,43 @@ positions it would see alone.
 The first label of every sample is ignored: the token before it belongs to the previous sample.
 Unpacked, a sample's first label is never a target either (nothing precedes it), so a packed sample
 is trained on exactly the tokens it would be trained on alone.
+
+The plan comes from the samples' `length` column and the packed rows are built when the loader asks
+for them, so packing a big set costs a few bytes per sample, not a second copy of its tokens.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from torch.utils.data import Dataset as TorchDataset
+
+from peftrun.data.arrow import column
 from peftrun.data.tokenize import IGNORE_INDEX, pad
 
 if TYPE_CHECKING:
     import datasets
+    import numpy as np
     import torch
 
 
-def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+def best_fit_decreasing(lengths: Sequence[int] | np.ndarray, capacity: int) -> list[list[int]]:
     """Group sample indices into bins of at most `capacity` tokens, longest samples first, each into
     the fullest bin that still has room (O(n log n)). Deterministic: ties keep index order."""
-    if any(length > capacity for length in lengths):
+    import numpy as np
+
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) and int(lengths.max()) > capacity:
         raise ValueError(f"a sample is longer than the packing capacity {capacity}")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    order = np.argsort(-lengths, kind="stable").tolist()  # stable: equal lengths keep index order
+    sizes = lengths.tolist()
     bins: list[list[int]] = []
     # (room left, bin number), sorted: the first entry with room >= length is the best fit.
     room: list[tuple[int, int]] = []
     for index in order:
-        length = lengths[index]
+        length = sizes[index]
         slot = bisect.bisect_left(room, (length, -1))
         if slot == len(room):
             bins.append([index])
@@ -60,19 +71,54 @@ def packed_row(samples: Sequence[dict[str, list[int]]]) -> dict[str, list[int]]:
     return row
 
 
-def pack_dataset(samples: datasets.Dataset, capacity: int) -> datasets.Dataset:
-    """Packed rows (input_ids, labels, position_ids) from tokenized samples (input_ids, labels)."""
-    import datasets
+def sample_lengths(samples: datasets.Dataset) -> np.ndarray:
+    """Each sample's token count, from the `length` column (or the Arrow list lengths), not the tokens."""
+    import pyarrow.compute as pc
 
-    input_ids: list[list[int]] = samples["input_ids"]
-    labels: list[list[int]] = samples["labels"]
-    rows: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": []}
-    for members in best_fit_decreasing([len(ids) for ids in input_ids], capacity):
-        # Members in the data file's order inside a row: easier to read when debugging.
-        row = packed_row([{"input_ids": input_ids[i], "labels": labels[i]} for i in sorted(members)])
-        for name, values in row.items():
-            rows[name].append(values)
-    return datasets.Dataset.from_dict(rows)
+    if "length" in samples.column_names:
+        return column(samples, "length")
+    ids = samples.select_columns(["input_ids"]).with_format("arrow")[:].column("input_ids")
+    return pc.list_value_length(ids).to_numpy()
+
+
+class PackedDataset(TorchDataset[dict[str, list[int]]]):
+    """Packed rows, built on access: row i concatenates the samples of bin i (in file order).
+
+    Only the plan is held: the bins' members as one array and where each bin starts in it. The tokens
+    stay in the (memory-mapped) samples dataset.
+    """
+
+    def __init__(self, samples: datasets.Dataset, capacity: int) -> None:
+        import numpy as np
+
+        bins = best_fit_decreasing(sample_lengths(samples), capacity)
+        # Members in file order inside a row: easier to read when debugging.
+        self.members = np.fromiter((i for b in bins for i in sorted(b)), dtype=np.int64)
+        self.starts = np.cumsum([0, *(len(b) for b in bins)], dtype=np.int64)
+        self.samples = samples.select_columns(["input_ids", "labels"])
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"packed row {index} of {len(self)}")
+        members = self.members[self.starts[index] : self.starts[index + 1]].tolist()
+        found = self.samples[members]
+        return packed_row(
+            [
+                {"input_ids": ids, "labels": labels}
+                for ids, labels in zip(found["input_ids"], found["labels"], strict=True)
+            ]
+        )
+
+    def __iter__(self) -> Iterator[dict[str, list[int]]]:
+        return (self[i] for i in range(len(self)))
+
+
+def pack_dataset(samples: datasets.Dataset, capacity: int) -> PackedDataset:
+    """Packed rows (input_ids, labels, position_ids) of tokenized samples (input_ids, labels[, length])."""
+    return PackedDataset(samples, capacity)
 
 
 def collate_packed(rows: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -31,6 +31,7 @@ import torch.utils.data
 
 from peftrun.data.packing import best_fit_decreasing, packed_row
 from peftrun.data.rows import TaskData
+from peftrun.data.shared import DataSharing
 from peftrun.data.sources import ROW_JSON, is_hub_id, iter_local_rows, load_hub_stream
 from peftrun.data.templates import adopt_chat_template
 from peftrun.data.tokenize import SampleEncoder
@@ -154,8 +155,11 @@ def stream_samples(cfg: DataConfig, tokenizer: Any, chat_template: str | None, s
     )
 
 
-def prepare_stream(cfg: DataConfig, tokenizer: Any, seed: int, cache_dir: Path) -> TaskData:
-    """Training samples streamed from `cfg.path`; the eval set (data.val_path) prepared as usual."""
+def prepare_stream(
+    cfg: DataConfig, tokenizer: Any, seed: int, cache_dir: Path, sharing: DataSharing | None = None
+) -> TaskData:
+    """Training samples streamed from `cfg.path`; the eval set (data.val_path) prepared as usual, by the
+    main process while the others wait for it (`sharing`)."""
     from peftrun.data import prepare_data
 
     chat_template = adopt_chat_template(tokenizer, cfg.format, cfg.chat_template)
@@ -165,12 +169,7 @@ def prepare_stream(cfg: DataConfig, tokenizer: Any, seed: int, cache_dir: Path) 
         eval_cfg = cfg.model_copy(
             update={"path": cfg.val_path, "val_path": None, "streaming": False, "max_samples": None}
         )
-        eval_set = prepare_data(eval_cfg, tokenizer, seed, cache_dir).train
+        eval_set = prepare_data(eval_cfg, tokenizer, seed, cache_dir, sharing).train
     source = cfg.path if is_hub_id(cfg.path) else str(Path(cfg.path).expanduser())
     report = StreamReport([source], cfg.shuffle_buffer, cfg.packing, len(eval_set) if eval_set else 0)
     return TaskData(train, eval_set, report)
-
-
-def first_samples(stream: StreamingSamples, count: int) -> list[dict[str, list[int]]]:
-    """The stream's first samples (the final checks' probe batch when there is no eval set)."""
-    return list(islice(iter(stream), count))

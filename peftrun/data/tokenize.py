@@ -33,7 +33,9 @@ if TYPE_CHECKING:
     from peftrun.recipe.schema import DataConfig
 
 __all__ = [
+    "DROP_REASONS",
     "IGNORE_INDEX",
+    "Outcome",
     "Sample",
     "SampleEncoder",
     "Segment",
@@ -130,6 +132,21 @@ class Sample:
     labels: list[int]
 
 
+DROP_REASONS = ("", "overlong", "empty")  # why a row gave no sample; the index is stored in Arrow
+
+
+@dataclass
+class Outcome:
+    """What became of one row: its sample, or why it gave none (then input_ids and labels are empty)."""
+
+    row: int  # 1-based row number in the source file
+    input_ids: list[int]
+    labels: list[int]
+    dropped: str = ""  # one of DROP_REASONS
+    truncated: bool = False
+    warned: bool = False  # chat: the doctor has a warning for this row (a dropped turn, no end-of-turn token)
+
+
 @dataclass
 class TokenizeStats:
     """What happened to the rows; totals count the kept samples only."""
@@ -149,6 +166,18 @@ class TokenizeStats:
         for field in fields(self):
             setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
         return self
+
+    def count(self, outcome: Outcome) -> None:
+        self.rows += 1
+        self.template_warnings += outcome.warned
+        if outcome.dropped:
+            self.dropped_overlong += outcome.dropped == "overlong"
+            self.dropped_empty += outcome.dropped == "empty"
+            return
+        self.kept += 1
+        self.truncated += outcome.truncated
+        self.total_tokens += len(outcome.input_ids)
+        self.supervised_tokens += supervised_count(outcome.labels)
 
 
 def supervised_count(labels: list[int]) -> int:
@@ -235,32 +264,39 @@ class SampleEncoder:
             labels.append(self.eos_id)
         return input_ids, labels
 
-    def _fit(self, row: int, input_ids: list[int], labels: list[int], stats: TokenizeStats) -> Sample | None:
-        """Apply data.overlong to a sample longer than max_seq_len; None when it is dropped."""
+    def _fit(self, row: int, input_ids: list[int], labels: list[int]) -> Outcome:
+        """Apply data.overlong to a sample longer than max_seq_len."""
         max_len = self.cfg.max_seq_len
         if len(input_ids) <= max_len:
-            return Sample(row, input_ids, labels)
+            return Outcome(row, input_ids, labels)
         if self.cfg.overlong == "error":
             raise UserError(
                 f"{self.source}: row {row}: sample is {len(input_ids)} tokens, longer than data.max_seq_len="
                 f"{max_len}; raise it, or set data.overlong to truncate or drop"
             )
         if self.cfg.overlong == "truncate" and supervised_count(labels[:max_len]):
-            stats.truncated += 1
-            return Sample(row, input_ids[:max_len], labels[:max_len])
-        stats.dropped_overlong += 1  # drop, or truncation left nothing to learn
-        return None
+            return Outcome(row, input_ids[:max_len], labels[:max_len], truncated=True)
+        return Outcome(row, [], [], dropped="overlong")  # drop, or truncation left nothing to learn
 
     def encode(
         self, rows: Sequence[Mapping[str, Any]], first_row: int = 1
     ) -> tuple[list[Sample], TokenizeStats]:
-        """Samples for a batch of rows (numbered from `first_row` in errors), and what happened to them.
+        """Samples for a batch of rows (numbered from `first_row` in errors), and what happened to them."""
+        samples, stats = [], TokenizeStats()
+        for outcome in self.outcomes(rows, first_row):
+            stats.count(outcome)
+            if not outcome.dropped:
+                samples.append(Sample(outcome.row, outcome.input_ids, outcome.labels))
+        return samples, stats
+
+    def outcomes(self, rows: Sequence[Mapping[str, Any]], first_row: int = 1) -> list[Outcome]:
+        """One outcome per row, in order (numbered from `first_row` in errors).
 
         Segments of the whole batch are tokenized in one call, which fast tokenizers parallelise.
         """
         if self.chat is not None and self.chat.known:
-            return self._encode_chat(rows, first_row)
-        stats = TokenizeStats(rows=len(rows))
+            return self._chat_outcomes(rows, first_row)
+        found: dict[int, Outcome] = {}
         rendered: list[tuple[int, list[Segment]]] = []
         for row_number, row in enumerate(rows, start=first_row):
             try:
@@ -270,7 +306,7 @@ class SampleEncoder:
             if segments:
                 rendered.append((row_number, segments))
             else:
-                stats.dropped_empty += 1
+                found[row_number] = Outcome(row_number, [], [], dropped="empty")
 
         texts = [text for _, segments in rendered for text, _ in segments]
         token_ids = (
@@ -278,23 +314,10 @@ class SampleEncoder:
             if texts
             else iter(())
         )
-        encoded = []
         for row_number, segments in rendered:
             pieces = [(list(next(token_ids)), trainable) for _, trainable in segments]
-            encoded.append((row_number, *self._assemble(pieces, self._needs_eos(segments))))
-        return self._keep(encoded, stats), stats
-
-    def _keep(self, encoded: list[tuple[int, list[int], list[int]]], stats: TokenizeStats) -> list[Sample]:
-        """The samples that fit max_seq_len (data.overlong), counted in `stats`."""
-        samples = []
-        for row_number, input_ids, labels in encoded:
-            sample = self._fit(row_number, input_ids, labels, stats)
-            if sample is not None:
-                samples.append(sample)
-                stats.kept += 1
-                stats.total_tokens += len(sample.input_ids)
-                stats.supervised_tokens += supervised_count(sample.labels)
-        return samples
+            found[row_number] = self._fit(row_number, *self._assemble(pieces, self._needs_eos(segments)))
+        return [found[number] for number in range(first_row, first_row + len(rows))]
 
     def render_chat(self, row: Mapping[str, Any]) -> Rendered:
         """One chat row rendered once with its trained spans (templates of a known family, or tagged)."""
@@ -302,12 +325,10 @@ class SampleEncoder:
         fields = extract_fields(row, "chat", self.columns, recipe_tools=self.cfg.tools)
         return self.chat.render(Conversation(fields["messages"], fields["tools"]))
 
-    def _encode_chat(
-        self, rows: Sequence[Mapping[str, Any]], first_row: int
-    ) -> tuple[list[Sample], TokenizeStats]:
+    def _chat_outcomes(self, rows: Sequence[Mapping[str, Any]], first_row: int) -> list[Outcome]:
         """Chat rows of a known template: each rendered once, then all tokenized in one call."""
         assert self.chat is not None
-        stats = TokenizeStats(rows=len(rows))
+        found: dict[int, Outcome] = {}
         numbered: list[tuple[int, Rendered]] = []
         for row_number, row in enumerate(rows, start=first_row):
             try:
@@ -317,11 +338,13 @@ class SampleEncoder:
             if rendered.spans:
                 numbered.append((row_number, rendered))
             else:
-                stats.dropped_empty += 1
+                found[row_number] = Outcome(row_number, [], [], dropped="empty")
         tokens = self.chat.tokenize([rendered for _, rendered in numbered])
-        stats.template_warnings = sum(bool(rendered.notes) for _, rendered in numbered)
-        encoded = [(number, ids, labels) for (number, _), (ids, labels) in zip(numbered, tokens, strict=True)]
-        return self._keep(encoded, stats), stats
+        for (row_number, rendered), (ids, labels) in zip(numbered, tokens, strict=True):
+            outcome = self._fit(row_number, ids, labels)
+            outcome.warned = bool(rendered.notes)
+            found[row_number] = outcome
+        return [found[number] for number in range(first_row, first_row + len(rows))]
 
 
 # ---- batches ------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal
 
-from peftrun.data import collate, pad_id_for, prepare_data
+from peftrun.data import DataSharing, collate, pad_id_for, prepare_data
 from peftrun.data.encoder_text import (
     MaskingCollator,
     collate_classification,
@@ -240,11 +240,16 @@ def classifier_metrics(
 
 
 def causal_lm_data(
-    cfg: DataConfig, tokenizer: Any, seed: int, cache_dir: Any, labelled: bool = True
+    cfg: DataConfig,
+    tokenizer: Any,
+    seed: int,
+    cache_dir: Any,
+    labelled: bool = True,
+    sharing: DataSharing | None = None,
 ) -> TaskData:
     if cfg.streaming:
-        return prepare_stream(cfg, tokenizer, seed, cache_dir)
-    data = prepare_data(cfg, tokenizer, seed, cache_dir=cache_dir)
+        return prepare_stream(cfg, tokenizer, seed, cache_dir, sharing=sharing)
+    data = prepare_data(cfg, tokenizer, seed, cache_dir=cache_dir, sharing=sharing)
     if not cfg.packing:
         return TaskData(data.train, data.eval, data.report)
     # Only training is packed: evaluation losses are per-sample sums either way.
@@ -308,6 +313,9 @@ class Task:
     head_modules: tuple[str, ...] = ()  # the new head: trained and saved beside an adapter
     # (model, batch) -> what `loss` gives on the model's logits, computed more cheaply (training only)
     fast_loss: Callable[[Any, Batch], torch.Tensor] | None = None
+    # prepare also takes `sharing` (peftrun.data.DataSharing): one process per machine prepares a cache
+    # entry the others wait for without a collective, then memory-map; other tasks prepare in a barrier.
+    shares_prepared_data: bool = False
 
     @property
     def traits(self) -> TaskTraits:
@@ -350,6 +358,7 @@ TASKS: dict[str, Task] = {
             causal_lm_data,
             causal_lm_collator,
             fast_loss=causal_lm_supervised_loss,
+            shares_prepared_data=True,
         ),
         Task(
             "masked_lm",

@@ -7,6 +7,8 @@ in preflight, before either.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -16,6 +18,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from peftrun.cpu.tune import CpuTuning, tune_for_cpu
+from peftrun.data import DataSharing
+from peftrun.data.packing import sample_lengths
 from peftrun.data.rows import TaskData
 from peftrun.data.sampling import EpochShuffle, LengthGroupedShuffle
 from peftrun.dist.accelerator import make_accelerator, prepare_scheduler
@@ -136,12 +140,17 @@ def load_data(accelerator: Any, recipe: Recipe, task: Task) -> tuple[Any, TaskDa
     """The processor, the task's data, and the recipe with the class names the data resolved to.
 
     The data pipeline tokenizes with the tokenizer (or reads images for the image processor), so it
-    comes first. The local main process tokenizes (and caches) before the others read the cache: no
-    rank tokenizes while others wait in a collective that could time out.
+    comes first. The local main process tokenizes (and caches) before the others read the cache. For
+    causal-LM data, which can take long, the others wait by watching the cache entry, not in a
+    collective that could time out (peftrun.data.shared); the small data of other tasks is read in a barrier.
     """
     processor = load_processor(recipe.model, recipe.task)
-    with accelerator.local_main_process_first():
-        data = task.prepare(recipe.data, processor, recipe.train.seed, tokenized_cache_dir())
+    if task.shares_prepared_data:
+        sharing = DataSharing(main=accelerator.is_local_main_process, log=_data_log(accelerator))
+        data = task.prepare(recipe.data, processor, recipe.train.seed, tokenized_cache_dir(), sharing=sharing)
+    else:
+        with accelerator.local_main_process_first():
+            data = task.prepare(recipe.data, processor, recipe.train.seed, tokenized_cache_dir())
     for line in data.report.lines():
         accelerator.print(f"[peftrun] {line}")
     if data.label_names is not None and data.label_names != recipe.data.labels:
@@ -152,6 +161,14 @@ def load_data(accelerator: Any, recipe: Recipe, task: Task) -> tuple[Any, TaskDa
         )
         _write_resolved_recipe(accelerator, recipe)
     return processor, data, recipe
+
+
+def _data_log(accelerator: Any) -> Callable[[str], None]:
+    """The main process logs its progress as every run line; a waiting rank says it waits, with its rank."""
+    if accelerator.is_local_main_process:
+        return lambda line: accelerator.print(f"[peftrun] {line}")
+    rank = accelerator.process_index
+    return lambda line: print(f"[peftrun] rank {rank}: {line}", file=sys.stderr, flush=True)
 
 
 def build_model(accelerator: Any, recipe: Recipe) -> tuple[Any, Path | None, CpuTuning]:
@@ -182,9 +199,7 @@ def build_loaders(
     sampler = (
         None  # a stream shuffles itself (data.streaming)
         if isinstance(data.train, IterableDataset)
-        else LengthGroupedShuffle(
-            [len(ids) for ids in data.train["input_ids"]], micro, recipe.train.seed, step_samples
-        )
+        else LengthGroupedShuffle(sample_lengths(data.train).tolist(), micro, recipe.train.seed, step_samples)
         if recipe.data.group_by_length and not recipe.data.packing
         else EpochShuffle(len(data.train), recipe.train.seed, step_samples)
     )

@@ -43,18 +43,18 @@ def samples_dataset(lengths: list[int], seed: int = 0) -> datasets.Dataset:
 
 def test_packed_rows_hold_the_samples_with_restarting_positions() -> None:
     samples = samples_dataset([7, 12, 5, 20, 9])
-    packed = pack_dataset(samples, capacity=25)
-    assert sum(len(r) for r in packed["input_ids"]) == sum(len(r) for r in samples["input_ids"])
-    assert all(len(r) <= 25 for r in packed["input_ids"])
+    packed = list(pack_dataset(samples, capacity=25))
+    assert sum(len(r["input_ids"]) for r in packed) == sum(len(r) for r in samples["input_ids"])
+    assert all(len(r["input_ids"]) <= 25 for r in packed)
     for row in packed:
         starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
         assert starts[0] == 0 and all(row["labels"][s] == IGNORE_INDEX for s in starts)
     supervised = sum(sum(t != IGNORE_INDEX for t in r[1:]) for r in samples["labels"])
-    assert sum(sum(t != IGNORE_INDEX for t in r) for r in packed["labels"]) == supervised
+    assert sum(sum(t != IGNORE_INDEX for t in r["labels"]) for r in packed) == supervised
 
-    batch = collate_packed(list(packed), pad_id=0)
+    batch = collate_packed(packed, pad_id=0)
     assert set(batch) == {"input_ids", "labels", "position_ids", "num_tokens"}  # no attention_mask
-    assert batch["num_tokens"].tolist() == [len(r) for r in packed["input_ids"]]
+    assert batch["num_tokens"].tolist() == [len(r["input_ids"]) for r in packed]
     pad = batch["input_ids"].shape[1] - len(packed[1]["input_ids"])
     if pad:
         assert batch["position_ids"][1, -pad:].tolist() == list(range(pad))

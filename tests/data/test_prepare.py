@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -16,6 +19,7 @@ from peftrun.data.templates import ALPACA_NO_INPUT
 from peftrun.errors import UserError
 from peftrun.recipe.schema import DataConfig
 
+REPO = Path(__file__).resolve().parents[2]
 WORDS = ["apple", "river", "stone", "cloud", "green", "music", "paper", "light", "tiger", "ocean"]
 
 
@@ -77,7 +81,8 @@ def test_no_split_without_val_settings(tok: Any, tmp_path: Path) -> None:
         DataConfig(path=str(write_jsonl(tmp_path / "a.jsonl", alpaca_rows(4)))), tok, 0, tmp_path
     )
     assert data.eval is None
-    assert data.train.column_names == ["input_ids", "labels"]
+    assert data.train.column_names == ["input_ids", "labels", "length"]
+    assert data.train["length"] == [len(ids) for ids in data.train["input_ids"]]
 
 
 def test_too_small_for_a_split(tok: Any, tmp_path: Path) -> None:
@@ -285,3 +290,38 @@ def test_a_recipe_template_is_adopted_by_the_tokenizer(tok: Any, tmp_path: Path,
         DataConfig(path=str(chat_file), format="chat", chat_template="chatml"), cached, 0, tmp_path / "c"
     )
     assert cached.chat_template == CHAT_TEMPLATES["chatml"]
+
+
+# --------------------------------------------------------------------------------------------- memory
+
+
+def _peak_rss_kb(tok: Any, tmp: Path, rows: int) -> int:
+    """Peak RSS of a fresh process that prepares and packs `rows` chat rows."""
+    tok.save_pretrained(tmp / "tok")
+    lines = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Say {' '.join(WORDS[(i + j) % 10] for j in range(12))} {i}."},
+                {"role": "assistant", "content": " ".join(WORDS[(i * j) % 10] for j in range(30))},
+            ]
+        }
+        for i in range(rows)
+    ]
+    cfg = DataConfig(path=str(write_jsonl(tmp / f"chat-{rows}.jsonl", lines)), format="chat", packing=True)
+    settings = cfg.model_dump_json(exclude_defaults=True)
+    child = subprocess.run(
+        [sys.executable, "-m", "tests.data.prepare_child", str(tmp / "tok"), str(tmp / "cache"), settings],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(json.loads(child.stdout)["peak_rss_kb"])
+
+
+def test_memory_does_not_grow_with_the_rows(tok: Any, tmp_path: Path) -> None:
+    """Tokens go to Arrow files batch by batch and packing keeps a plan: 20x the rows, the same peak."""
+    small, large = _peak_rss_kb(tok, tmp_path, 300), _peak_rss_kb(tok, tmp_path, 6000)
+    print(f"peak RSS: {small / 1024:.0f} MB at 300 rows, {large / 1024:.0f} MB at 6000")
+    assert large <= max(small * 1.15, small + 30 * 1024), (small, large)
