@@ -22,14 +22,16 @@ is added when blank lines make it differ).
 from __future__ import annotations
 
 import csv
+import glob
 import hashlib
 import json
 import re
 import sys
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from itertools import chain, islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from peftrun.errors import UserError, did_you_mean
 
@@ -110,6 +112,64 @@ def _local_file(path: str, key: str) -> Path:
             f"{key}: unsupported file type '{file.suffix}' ({file}); use one of {', '.join(SUPPORTED_SUFFIXES)}"
         )
     return file
+
+
+_GLOB_CHARS = frozenset("*?[")
+# Files datasets' save_to_disk writes: a Dataset folder, a DatasetDict folder.
+_SAVED_DATASET = ("state.json", "dataset_info.json")
+_SAVED_DATASET_DICT = "dataset_dict.json"
+
+
+@dataclass(frozen=True)
+class Located:
+    """What a data path names. files: data files read in this order (one, a folder's shards or a glob's
+    matches); saved: a folder written by save_to_disk; images: an image folder; hub: a Hub dataset id."""
+
+    kind: Literal["files", "saved", "images", "hub"]
+    path: str  # as the recipe gives it, for messages
+    files: tuple[Path, ...] = ()  # files: the data files; saved/images: the folder
+
+
+def locate(path: str, key: str, fmt: str | None = None) -> Located:
+    """Resolve a data path; one UserError naming `key` when it names nothing usable.
+
+    A folder is an image folder for format `images` (or when `fmt` is None and it holds no data files),
+    a saved dataset when it holds save_to_disk's files, else a folder of shards (every supported file
+    below it, sorted by path, all of one type).
+    """
+    if is_hub_id(path):
+        return Located("hub", path)
+    if _GLOB_CHARS & set(path):
+        pattern = str(Path(path).expanduser())
+        matches = sorted(Path(p).resolve() for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+        if not matches:
+            raise UserError(f"{key}: no file matches {pattern}")
+        return Located("files", path, _one_type(key, path, [_local_file(str(m), key) for m in matches]))
+    file = _local_file(path, key)
+    if not file.is_dir():
+        return Located("files", path, (file,))
+    if any((file / name).is_file() for name in (*_SAVED_DATASET, _SAVED_DATASET_DICT)):
+        return Located("saved", path, (file,))
+    shards = sorted(
+        p
+        for p in file.rglob("*")
+        if p.suffix.lower() in SUPPORTED_SUFFIXES and p.is_file() and not p.name.startswith(".")
+    )
+    if fmt == "images" or (fmt is None and not shards):
+        return Located("images", path, (file,))
+    if not shards:
+        raise UserError(
+            f"{key}: {file} is a directory with no data files ({', '.join(SUPPORTED_SUFFIXES)}) and no "
+            "saved dataset; point it at a data file (folders of images are for format images)"
+        )
+    return Located("files", path, _one_type(key, path, shards))
+
+
+def _one_type(key: str, path: str, files: list[Path]) -> tuple[Path, ...]:
+    suffixes = sorted({f.suffix.lower() for f in files})
+    if len(suffixes) > 1:
+        raise UserError(f"{key}: {path} mixes file types ({', '.join(suffixes)}); shards must be of one type")
+    return tuple(files)
 
 
 # -------------------------------------------------------------------------------------------- readers
@@ -283,35 +343,55 @@ def _probe_hub(path: str, key: str) -> None:
         ) from None
 
 
-def _load_hub(
-    path: str, split: str, key: str, *, streaming: bool = False, cache_dir: Path | None = None
-) -> Any:
+def hub_load_args(
+    path: str,
+    split: str,
+    subset: str | None = None,
+    data_files: Sequence[str] | None = None,
+    *,
+    streaming: bool = False,
+    cache_dir: Path | None = None,
+) -> dict[str, Any]:
+    """The keyword arguments of `datasets.load_dataset` for a Hub dataset: `subset` is its config name."""
+    return {
+        "path": path,
+        "name": subset,
+        "split": split,
+        "data_files": list(data_files) if data_files is not None else None,
+        "streaming": streaming,
+        "cache_dir": str(cache_dir) if cache_dir else None,
+    }
+
+
+def _load_hub(path: str, split: str, key: str, **options: Any) -> Any:
+    """`datasets.load_dataset` for Hub id `path`; `options` are hub_load_args' (subset, data_files, ...)."""
     import datasets
 
     if not _hub_offline():
         _probe_hub(path, key)
+    args = hub_load_args(path, split, **options)
     try:
-        return datasets.load_dataset(
-            path, split=split, streaming=streaming, cache_dir=str(cache_dir) if cache_dir else None
-        )
+        return datasets.load_dataset(**args)
     except ConnectionError as exc:
         raise UserError(
             f"{key}: cannot load Hub dataset '{path}' offline and it is not in the cache ({exc})"
         ) from None
-    except ValueError as exc:  # unknown split and similar
-        raise UserError(f"{key}: cannot load Hub dataset '{path}' split '{split}': {exc}") from None
+    except ValueError as exc:  # unknown split, subset and similar
+        subset = f" subset '{args['name']}'" if args["name"] else ""
+        raise UserError(f"{key}: cannot load Hub dataset '{path}'{subset} split '{split}': {exc}") from None
 
 
 # ----------------------------------------------------------------------------------------------- rows
 
 
-def column_map(fmt: str, columns: Mapping[str, str]) -> dict[str, str]:
-    """peftrun's column name -> the file's, for `fmt`, after data.columns; unknown keys are a UserError."""
+def column_map(fmt: str, columns: Mapping[str, str], key: str = "data.columns") -> dict[str, str]:
+    """peftrun's column name -> the file's, for `fmt`, after data.columns; unknown keys are a UserError
+    naming `key`."""
     names = FIELDS[fmt]
     for name in columns:
         if name not in names:
             raise UserError(
-                f"data.columns: '{name}' is not a column of format {fmt}{did_you_mean(name, names)} "
+                f"{key}: '{name}' is not a column of format {fmt}{did_you_mean(name, names)} "
                 f"(peftrun's names: {', '.join(names)})"
             )
     return {name: columns.get(name, name) for name in names}
@@ -373,17 +453,47 @@ def _row_label(index: int, line_no: int | None) -> str:
     return f"row {index}" if line_no in (None, index) else f"row {index} (line {line_no})"
 
 
-def _check_rows(path: str, records: Iterator[tuple[int | None, Mapping[str, Any]]], cfg: DataConfig) -> int:
-    """Check every record; returns how many there were."""
-    columns = column_map(cfg.format, cfg.columns)
-    count = 0
+@dataclass(frozen=True)
+class RowRules:
+    """What each row of one dataset must hold: its format, its columns and data.tools (chat)."""
+
+    format: str
+    columns: dict[str, str]  # peftrun's column name -> the file's (column_map)
+    tools: Sequence[dict[str, Any]] | None = None
+
+    @classmethod
+    def of(
+        cls,
+        fmt: str,
+        columns: Mapping[str, str],
+        tools: Sequence[dict[str, Any]] | None = None,
+        key: str = "data.columns",
+    ) -> RowRules:
+        return cls(fmt, column_map(fmt, columns, key), tools)
+
+    @property
+    def file_columns(self) -> list[str]:
+        """The file's columns the rows are read from, each once."""
+        return list(dict.fromkeys(self.columns.values()))
+
+
+def checked_rows(
+    path: str, records: Iterator[tuple[int | None, Mapping[str, Any]]], rules: RowRules
+) -> Iterator[tuple[Mapping[str, Any], dict[str, Any]]]:
+    """(record, its fields under peftrun's names) for each record; a bad row is a UserError naming it."""
     for count, (line_no, record) in enumerate(records, start=1):
         try:
-            fields = extract_fields(record, cfg.format, columns, recipe_tools=cfg.tools)
-            if cfg.format == "images" and not image_path(path, fields["image"]).is_file():
+            fields = extract_fields(record, rules.format, rules.columns, recipe_tools=rules.tools)
+            if rules.format == "images" and not image_path(path, fields["image"]).is_file():
                 raise RowProblem(f"image file not found: {image_path(path, fields['image'])}")
         except RowProblem as exc:
             raise UserError(f"{path}: {_row_label(count, line_no)}: {exc}") from None
+        yield record, fields
+
+
+def _check_rows(path: str, records: Iterator[tuple[int | None, Mapping[str, Any]]], rules: RowRules) -> int:
+    """Check every record; returns how many there were."""
+    count = sum(1 for _ in checked_rows(path, records, rules))
     if count == 0:
         raise UserError(f"{path}: no rows")
     return count
@@ -411,28 +521,89 @@ def _check_format_fits(path: str, key: str, file: Path, fmt: str) -> None:
         )
 
 
+def local_rows(
+    located: Located, key: str, rules: RowRules, max_rows: int | None = None
+) -> Iterator[tuple[Mapping[str, Any], dict[str, Any]]]:
+    """(record, its checked fields) for the first `max_rows` rows of a `files` or `images` location, file
+    after file, one row in memory at a time; a bad row is a UserError naming its file and row."""
+    taken = 0
+    for file in located.files:
+        _check_format_fits(located.path, key, file, rules.format)
+        # A file the recipe names keeps that name in messages; shards are named by their own paths.
+        name = located.path if Path(located.path).expanduser().resolve() == file else str(file)
+        limit = None if max_rows is None else max_rows - taken
+        if limit == 0:
+            break
+        for item in checked_rows(name, islice(_iter_file(name, file), limit), rules):
+            taken += 1
+            yield item
+    if taken == 0:
+        raise UserError(f"{located.path}: no rows")
+
+
 def check_file(path: str, cfg: DataConfig, key: str = "data.path", max_rows: int | None = None) -> None:
     """Check a local data file (its first `max_rows` rows) against `cfg`; `key` names it in errors."""
-    file = _local_file(path, key)
-    _check_format_fits(path, key, file, cfg.format)
-    _check_rows(path, islice(_iter_file(path, file), max_rows), cfg)
+    check_dataset(path, key, RowRules.of(cfg.format, cfg.columns, cfg.tools), max_rows)
+
+
+def check_dataset(
+    path: str,
+    key: str,
+    rules: RowRules,
+    max_rows: int | None = None,
+    *,
+    split: str = "train",
+    subset: str | None = None,
+    data_files: Sequence[str] | None = None,
+) -> None:
+    """Check one dataset (its first `max_rows` rows) against `rules`; `key` names its path in errors.
+
+    Local files are streamed, so memory stays flat. A Hub or saved dataset is checked on its first rows
+    (training still checks every row).
+    """
+    located = locate(path, key, rules.format)
+    if located.kind in ("hub", "saved"):
+        if located.kind == "hub":
+            rows = _load_hub(
+                path, split, key, subset=subset, data_files=data_files, streaming=not _hub_offline()
+            )
+        else:
+            rows = load_saved(located.files[0], split, key)
+        limit = min(max_rows or _HUB_CHECK_ROWS, _HUB_CHECK_ROWS)
+        _check_rows(path, ((None, row) for row in islice(iter(rows), limit)), rules)
+        return
+    for _ in local_rows(located, key, rules, max_rows):
+        pass
 
 
 def check_source(cfg: DataConfig) -> None:
-    """Pre-flight for `peftrun validate`: the data files exist, parse and hold the columns `cfg` needs.
+    """Pre-flight for `peftrun validate`: every dataset of the recipe exists, parses and holds the columns
+    its format needs; only the first `max_samples` rows of each are checked since only those are used."""
+    for source in cfg.sources():
+        rules = RowRules.of(source.format, source.columns, cfg.tools, source.key_of("columns"))
+        where = {"subset": source.subset, "data_files": source.data_files}
+        check_dataset(source.path, source.key_of("path"), rules, cfg.max_samples, split=source.split, **where)
+        if source.val_path is not None:
+            check_dataset(source.val_path, source.key_of("val_path"), rules)
+        if source.val_split is not None:
+            check_dataset(source.path, source.key_of("val_split"), rules, split=source.val_split, **where)
 
-    Local files are streamed, so memory stays flat; only the first `max_samples` rows are checked since
-    only those are used. A Hub dataset is checked on its first rows (training still checks every row).
-    """
-    if is_hub_id(cfg.path):
-        column_map(cfg.format, cfg.columns)
-        rows = _load_hub(cfg.path, cfg.split, "data.path", streaming=not _hub_offline())
-        limit = min(cfg.max_samples or _HUB_CHECK_ROWS, _HUB_CHECK_ROWS)
-        _check_rows(cfg.path, ((None, row) for row in islice(iter(rows), limit)), cfg)
-    else:
-        check_file(cfg.path, cfg, "data.path", cfg.max_samples)
-    if cfg.val_path is not None:
-        check_file(cfg.val_path, cfg, "data.val_path")
+
+def load_saved(folder: Path, split: str, key: str) -> Any:
+    """A folder written by `save_to_disk`: the Dataset, or split `split` of a DatasetDict (memory-mapped)."""
+    import datasets
+
+    try:
+        saved = datasets.load_from_disk(str(folder))
+    except Exception as exc:
+        raise UserError(f"{key}: {folder} is not a readable saved dataset ({exc})") from None
+    if isinstance(saved, datasets.DatasetDict):
+        if split not in saved:
+            raise UserError(
+                f"{key}: {folder} has no split '{split}'{did_you_mean(split, saved)} (splits: {', '.join(saved)})"
+            )
+        return saved[split]
+    return saved
 
 
 def digest_file(path: str, key: str = "data.path") -> str:
@@ -474,7 +645,8 @@ def read_rows(
 ) -> datasets.Dataset:
     """The rows of a local file or Hub dataset, at most `max_samples` of them, as a `datasets.Dataset`.
 
-    `split` only applies to Hub datasets. `columns` keeps just those file columns (missing ones read as
+    `path` is anything `locate` resolves (shards are read in order). `split` applies to Hub datasets and
+    saved DatasetDicts. `columns` keeps just those file columns (missing ones read as
     null), which also spares pyarrow from typing columns nobody uses. `key` names the recipe key in
     errors; `cache_dir` is where `datasets` caches Hub downloads (default: its own cache). `as_json` keeps
     each local row whole, as JSON text in the ROW_JSON column (chat rows, whose messages vary in shape).
@@ -486,6 +658,13 @@ def read_rows(
         if columns is not None:
             rows = rows.select_columns([c for c in columns if c in rows.column_names])
         return rows
-    file = _local_file(path, key)
-    records = [record for _, record in islice(_iter_file(path, file), max_samples)]
-    return _dataset_from_records(path, records, columns, as_json)
+    located = locate(path, key)
+    if located.kind == "saved":
+        rows = load_saved(located.files[0], split, key)
+        if max_samples is not None:
+            rows = rows.select(range(min(max_samples, len(rows))))
+        return (
+            rows if columns is None else rows.select_columns([c for c in columns if c in rows.column_names])
+        )
+    records = (record for file in located.files for _, record in _iter_file(str(file), file))
+    return _dataset_from_records(path, list(islice(records, max_samples)), columns, as_json)

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from peftrun.errors import OptionError
+from peftrun.errors import OptionError, UserError
 from peftrun.model.methods import NON_ADAPTER_KINDS, check_method_options, is_prompt_learning
 from peftrun.recipe.section import Section
 from peftrun.recipe.slurm import SlurmConfig
@@ -133,11 +133,98 @@ class MethodConfig(Section):
         return dict(self.model_extra or {})
 
 
+DataFormat = Literal["alpaca", "chat", "text", "classification", "images"]
+
+
+class DatasetSource(Section):
+    """One dataset of `data.datasets`. Unset keys take the top-level data.* value (format, columns, split,
+    chat_template)."""
+
+    path: str = Field(
+        description="Local .json/.jsonl/.csv/.parquet/.txt file, a folder of such shards or a glob "
+        "('data/*.jsonl', all of one type), a folder written by datasets' save_to_disk, or a Hub dataset id."
+    )
+    format: DataFormat | None = Field(None, description="Its data.format; default: data.format.")
+    columns: dict[str, str] | None = Field(None, description="Its data.columns; default: data.columns.")
+    split: str | None = Field(
+        None, description="Split of a Hub dataset or a saved DatasetDict; default: data.split."
+    )
+    subset: str | None = Field(None, description="Hub dataset: the configuration (subset) name.")
+    data_files: list[str] | None = Field(
+        None, description="Hub dataset: only these files of the repository (globs allowed)."
+    )
+    weight: float | None = Field(
+        None,
+        gt=0,
+        description="Share of the weighted part of the mixture (the datasets with a weight share as many "
+        "samples as they hold together). Each slot's dataset is drawn with train.seed by normalized weight; "
+        "rows are taken without replacement, and again once a dataset is used up (oversampling).",
+    )
+    samples: int | None = Field(
+        None,
+        gt=0,
+        description="Take exactly this many samples: a seeded choice without replacement when it holds "
+        "that many, else whole copies plus a seeded remainder. Neither weight nor samples: every sample once.",
+    )
+    chat_template: str | None = Field(
+        None, description="Its data.chat_template; default: data.chat_template."
+    )
+    val_path: str | None = Field(
+        None, description="A separate evaluation file for this dataset (same format and columns)."
+    )
+    val_split: str | None = Field(
+        None, description="Hub dataset or saved DatasetDict: the split to evaluate on (e.g. validation)."
+    )
+
+    @model_validator(mode="after")
+    def _one_of_each(self) -> DatasetSource:
+        if self.weight is not None and self.samples is not None:
+            raise OptionError("weight", "give weight or samples, not both")
+        if self.val_path is not None and self.val_split is not None:
+            raise OptionError("val_split", "give val_path or val_split, not both")
+        return self
+
+
+@dataclass(frozen=True)
+class Source:
+    """One dataset of the recipe with the top-level defaults filled in (`DataConfig.sources()`)."""
+
+    key: str  # where it is in the recipe, for messages: 'data' or 'data.datasets[1]'
+    path: str
+    format: str
+    columns: dict[str, str]
+    split: str
+    subset: str | None = None
+    data_files: tuple[str, ...] | None = None
+    weight: float | None = None
+    samples: int | None = None
+    chat_template: str | None = None
+    val_path: str | None = None
+    val_split: str | None = None
+
+    def key_of(self, name: str) -> str:
+        """The dotted recipe key of one of its settings: 'data.path', 'data.datasets[1].val_path'."""
+        return f"{self.key}.{name}"
+
+
 class DataConfig(Section):
     """Where the training data comes from and how it becomes tokens."""
 
-    path: str = Field(description="Local .json/.jsonl/.csv/.parquet/.txt file, or a Hub dataset id.")
-    format: Literal["alpaca", "chat", "text", "classification", "images"] = Field(
+    path: str = Field(
+        "",
+        description="Local .json/.jsonl/.csv/.parquet/.txt file, a folder of such shards or a glob, a folder "
+        "written by datasets' save_to_disk, or a Hub dataset id. Give either path or datasets.",
+    )
+    datasets: list[DatasetSource] | None = Field(
+        None,
+        description="Several datasets mixed into one training set (instead of path); each entry takes the "
+        "keys below data.datasets[].",
+    )
+    subset: str | None = Field(None, description="Hub dataset: the configuration (subset) name.")
+    data_files: list[str] | None = Field(
+        None, description="Hub dataset: only these files of the repository (globs allowed)."
+    )
+    format: DataFormat = Field(
         "alpaca",
         description="alpaca: instruction/input/output rows; chat: a list of {role, content} messages; "
         "text: raw text for continued pre-training; classification: text and label; images: image path "
@@ -145,7 +232,9 @@ class DataConfig(Section):
         "(causal_lm alpaca, masked_lm text, sequence_classification classification, image_classification "
         "images).",
     )
-    split: str = Field("train", description="Split to read when `path` is a Hub dataset.")
+    split: str = Field(
+        "train", description="Split to read when `path` is a Hub dataset or a saved DatasetDict."
+    )
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="Map peftrun's column names to the file's, e.g. {instruction: question, output: answer}. "
@@ -209,14 +298,68 @@ class DataConfig(Section):
     )
     val_path: str | None = Field(None, description="A separate evaluation file (same format and columns).")
     max_samples: int | None = Field(
-        None, gt=0, description="Use only the first N samples (quick experiments)."
+        None, gt=0, description="Use only the first N rows of each dataset (quick experiments)."
     )
 
     @model_validator(mode="after")
-    def _one_validation_source(self) -> DataConfig:
-        if self.val_path is not None and self.val_fraction > 0:
-            raise ValueError("set either val_fraction or val_path, not both")
+    def _one_source_form(self) -> DataConfig:
+        if bool(self.path) == bool(self.datasets):
+            raise ValueError(
+                "give data.path (one dataset) or data.datasets (a list of them), "
+                + ("not both" if self.path else "one of them is required")
+            )
+        if self.datasets:
+            for name in ("val_path", "subset", "data_files"):
+                if getattr(self, name) is not None:
+                    raise OptionError(name, f"set it per dataset (data.datasets[].{name}) with data.datasets")
+        for source in self.sources():
+            if self.val_fraction > 0 and (source.val_path or source.val_split) is not None:
+                if source.key == "data":
+                    raise ValueError("set either val_fraction or val_path, not both")
+                raise OptionError(
+                    source.key.removeprefix("data.") + ".val_path",
+                    "set either data.val_fraction or a dataset's val_path/val_split, not both",
+                )
         return self
+
+    def sources(self) -> list[Source]:
+        """Every dataset of the recipe, one uniform list for both forms (path is a list of one)."""
+        if not self.datasets:
+            return [
+                Source(
+                    key="data",
+                    path=self.path,
+                    format=self.format,
+                    columns=dict(self.columns),
+                    split=self.split,
+                    subset=self.subset,
+                    data_files=tuple(self.data_files) if self.data_files is not None else None,
+                    chat_template=self.chat_template,
+                    val_path=self.val_path,
+                )
+            ]
+        return [self._source(index, entry) for index, entry in enumerate(self.datasets)]
+
+    def _source(self, index: int, entry: DatasetSource) -> Source:
+        return Source(
+            key=f"data.datasets[{index}]",
+            path=entry.path,
+            format=entry.format or self.format,
+            columns=dict(self.columns if entry.columns is None else entry.columns),
+            split=entry.split or self.split,
+            subset=entry.subset,
+            data_files=tuple(entry.data_files) if entry.data_files is not None else None,
+            weight=entry.weight,
+            samples=entry.samples,
+            chat_template=entry.chat_template or self.chat_template,
+            val_path=entry.val_path,
+            val_split=entry.val_split,
+        )
+
+    def single_source(self, purpose: str) -> None:
+        """A UserError when the recipe mixes datasets and `purpose` reads one dataset only."""
+        if self.datasets:
+            raise UserError(f"data.datasets: not supported with {purpose} yet; give data.path")
 
 
 class TrainConfig(Section):
@@ -413,10 +556,11 @@ class Recipe(Section):
         formats = TASK_TRAITS[self.task].formats
         if "format" not in self.data.model_fields_set:
             self.data.format = formats[0]  # type: ignore[assignment]  # validated on assignment
-        elif self.data.format not in formats:
-            raise ValueError(
-                f"data.format '{self.data.format}' does not fit task {self.task} (use {' or '.join(formats)})"
-            )
+        for key, fmt in [("data.format", self.data.format)] + [
+            (f"data.datasets[{i}].format", entry.format) for i, entry in enumerate(self.data.datasets or [])
+        ]:
+            if fmt is not None and fmt not in formats:
+                raise ValueError(f"{key} '{fmt}' does not fit task {self.task} (use {' or '.join(formats)})")
         if self.data.labels is not None and self.task not in CLASSIFIER_TASKS:
             raise ValueError(f"data.labels is for classification tasks, not {self.task}")
         if self.data.labels is not None and len(set(self.data.labels)) != len(self.data.labels):

@@ -225,7 +225,7 @@ def test_check_source_bad_inputs(
 
 
 def test_directory_is_not_a_data_file(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match=r"is a directory; point it at a data file"):
+    with pytest.raises(UserError, match=r"is a directory with no data files .* point it at a data file"):
         check_source(DataConfig(path=str(tmp_path)))
 
 
