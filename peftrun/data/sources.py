@@ -363,7 +363,7 @@ def hub_load_args(
     }
 
 
-def _load_hub(path: str, split: str, key: str, **options: Any) -> Any:
+def load_hub(path: str, split: str, key: str, **options: Any) -> Any:
     """`datasets.load_dataset` for Hub id `path`; `options` are hub_load_args' (subset, data_files, ...)."""
     import datasets
 
@@ -564,7 +564,7 @@ def check_dataset(
     located = locate(path, key, rules.format)
     if located.kind in ("hub", "saved"):
         if located.kind == "hub":
-            rows = _load_hub(
+            rows = load_hub(
                 path, split, key, subset=subset, data_files=data_files, streaming=not _hub_offline()
             )
         else:
@@ -581,12 +581,12 @@ def check_source(cfg: DataConfig) -> None:
     its format needs; only the first `max_samples` rows of each are checked since only those are used."""
     for source in cfg.sources():
         rules = RowRules.of(source.format, source.columns, cfg.tools, source.key_of("columns"))
-        where = {"subset": source.subset, "data_files": source.data_files}
-        check_dataset(source.path, source.key_of("path"), rules, cfg.max_samples, split=source.split, **where)
+        hub: dict[str, Any] = {"subset": source.subset, "data_files": source.data_files}
+        check_dataset(source.path, source.key_of("path"), rules, cfg.max_samples, split=source.split, **hub)
         if source.val_path is not None:
             check_dataset(source.val_path, source.key_of("val_path"), rules)
         if source.val_split is not None:
-            check_dataset(source.path, source.key_of("val_split"), rules, split=source.val_split, **where)
+            check_dataset(source.path, source.key_of("val_split"), rules, split=source.val_split, **hub)
 
 
 def load_saved(folder: Path, split: str, key: str) -> Any:
@@ -652,7 +652,7 @@ def read_rows(
     each local row whole, as JSON text in the ROW_JSON column (chat rows, whose messages vary in shape).
     """
     if is_hub_id(path):
-        rows = _load_hub(path, split, key, cache_dir=cache_dir)
+        rows = load_hub(path, split, key, cache_dir=cache_dir)
         if max_samples is not None:
             rows = rows.select(range(min(max_samples, len(rows))))
         if columns is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, get_origin
+from typing import Any, get_args, get_origin
 
 from pydantic import BaseModel
 
@@ -37,7 +37,7 @@ def key_docs(model: type[BaseModel] = Recipe, prefix: str = "") -> list[KeyDoc]:
         default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
         docs.append(KeyDoc(f"{prefix}{name}", default, field.description or ""))
         # A list of sections (data.datasets): its entries' keys follow it, as name[].key.
-        listed = [a.__args__[0] for a in args if get_origin(a) is list and _is_section(a.__args__[0])]
+        listed = [get_args(a)[0] for a in args if get_origin(a) is list and _is_section(get_args(a)[0])]
         if listed:
             docs += key_docs(listed[0], f"{prefix}{name}[].")
     return docs

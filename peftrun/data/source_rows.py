@@ -1,0 +1,180 @@
+"""One dataset of the recipe (a `Source`) -> its rows as a memory-mapped `datasets.Dataset`, plus a
+content identity for the tokenized-data cache key.
+
+    for source in cfg.sources():
+        rows = read_source(source, cfg, cache_dir=cache_root / "rows")
+        rows.train, rows.eval, rows.identity
+
+How each kind of path is read (`peftrun.data.sources.locate` decides the kind):
+- .json/.jsonl/.csv/.txt files, folders of them and globs, image folders: peftrun's streaming readers
+  check each row (errors name the file and the row) and hand it to `Dataset.from_generator`, which writes
+  Arrow in batches, so memory stays bounded. Chat rows are stored as JSON text in the ROW_JSON column;
+  rows of the other formats as their checked string fields under the file's column names.
+- .parquet files: a streaming check pass (a batch at a time), then datasets' parquet builder.
+- a folder written by `save_to_disk`: memory-mapped as it is (a DatasetDict by its split).
+- a Hub id: `datasets.load_dataset` with the dataset's subset, split and data_files.
+Rows of Hub and saved datasets are checked row by row when they are tokenized.
+
+No cache can serve stale rows: the Arrow that datasets caches for local files is keyed by the files'
+sha256 (and ROWS_VERSION), never by their modification times.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from peftrun.data.sources import (
+    ROW_JSON,
+    Located,
+    RowRules,
+    load_hub,
+    load_saved,
+    local_rows,
+    locate,
+)
+from peftrun.errors import UserError
+
+if TYPE_CHECKING:
+    import datasets
+
+    from peftrun.recipe.schema import DataConfig, Source
+
+__all__ = ["ROWS_VERSION", "SourceRows", "read_source"]
+
+# Bump whenever the rows written for the same files change, so datasets' cached Arrow is not reused.
+ROWS_VERSION = "1"
+
+
+@dataclass
+class SourceRows:
+    """The rows of one dataset of the recipe."""
+
+    source: Source
+    train: datasets.Dataset  # its training rows (at most data.max_samples)
+    eval: datasets.Dataset | None  # its val_path or val_split rows; None when it has neither
+    identity: list[str]  # content ids of train (then eval), for the tokenized-data cache key
+
+
+def read_source(source: Source, cfg: DataConfig, *, cache_dir: Path) -> SourceRows:
+    """The rows of `source`, checked as they are read where they are local; `cfg` gives data.tools and
+    data.max_samples. `cache_dir` holds the Arrow written for local files. Bad data is a UserError."""
+    rules = RowRules.of(source.format, source.columns, cfg.tools, source.key_of("columns"))
+    train, train_id = _read(
+        source, source.path, source.key_of("path"), source.split, rules, cfg.max_samples, cache_dir
+    )
+    if source.val_path is not None:
+        if locate(source.val_path, source.key_of("val_path"), source.format).kind == "hub":
+            raise UserError(
+                f"{source.key_of('val_path')}: '{source.val_path}' is a Hub dataset; evaluate on one of its "
+                "splits with val_split"
+            )
+        held_out = _read(
+            source, source.val_path, source.key_of("val_path"), source.split, rules, None, cache_dir
+        )
+    elif source.val_split is not None:
+        held_out = _read(
+            source, source.path, source.key_of("val_split"), source.val_split, rules, None, cache_dir
+        )
+    else:
+        return SourceRows(source, train, None, [train_id])
+    return SourceRows(source, train, held_out[0], [train_id, held_out[1]])
+
+
+def _read(
+    source: Source, path: str, key: str, split: str, rules: RowRules, max_rows: int | None, cache_dir: Path
+) -> tuple[datasets.Dataset, str]:
+    """(rows, identity) of one path of `source`."""
+    located = locate(path, key, rules.format)
+    if located.kind == "hub":
+        rows = load_hub(path, split, key, subset=source.subset, data_files=source.data_files)
+        where = json.dumps([path, source.subset, split, source.data_files])
+        return _narrow(rows, rules, max_rows), f"hub:{where}:{rows._fingerprint}"
+    if located.kind == "saved":
+        rows = load_saved(located.files[0], split, key)
+        return _narrow(rows, rules, max_rows), f"saved:{split}:{rows._fingerprint}"
+    identity = _local_identity(located)
+    if located.kind == "files" and located.files[0].suffix.lower() == ".parquet":
+        for _ in local_rows(located, key, rules, max_rows):  # the check pass: one batch in memory
+            pass
+        return _narrow(_load_parquet(located, identity, cache_dir), rules, max_rows), identity
+    return _generate(located, key, rules, max_rows, identity, cache_dir), identity
+
+
+def _narrow(rows: datasets.Dataset, rules: RowRules, max_rows: int | None) -> datasets.Dataset:
+    """The first `max_rows` rows, with only the columns the format reads (those the dataset has)."""
+    if max_rows is not None and max_rows < len(rows):
+        rows = rows.select(range(max_rows))
+    return rows.select_columns([c for c in rules.file_columns if c in rows.column_names])
+
+
+def _local_identity(located: Located) -> str:
+    """sha256 of each data file, in reading order; an image folder by its listing (the rows hold paths)."""
+    if located.kind == "images":
+        folder = located.files[0]
+        listing = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+        return "images:" + hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+    return "sha256:" + ",".join(_sha256(file) for file in located.files)
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with file.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _load_parquet(located: Located, identity: str, cache_dir: Path) -> datasets.Dataset:
+    import datasets
+
+    # datasets keys its own cache of local files by path and modification time; a folder per content
+    # identity keeps a rewritten file from being served from it.
+    folder = cache_dir / f"parquet-{hashlib.sha256(identity.encode()).hexdigest()[:32]}"
+    files = [str(file) for file in located.files]
+    return datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(folder))
+
+
+def _generate(
+    located: Located, key: str, rules: RowRules, max_rows: int | None, identity: str, cache_dir: Path
+) -> datasets.Dataset:
+    """Rows of local text files or an image folder, checked as they stream into Arrow."""
+    import datasets
+    from datasets.exceptions import DatasetGenerationError
+
+    names = [ROW_JSON] if rules.format == "chat" else rules.file_columns
+    features = datasets.Features({name: datasets.Value("string") for name in names})
+    # The kwargs are datasets' cache key for the written Arrow: the content identity and ROWS_VERSION
+    # decide it, the rest (paths, rules, max_rows) says which rows of it are kept.
+    gen_kwargs = {
+        "located": located,
+        "key": key,
+        "rules": rules,
+        "max_rows": max_rows,
+        "identity": identity,
+        "version": ROWS_VERSION,
+    }
+    try:
+        return datasets.Dataset.from_generator(
+            _stored_rows, features=features, gen_kwargs=gen_kwargs, cache_dir=str(cache_dir)
+        )
+    except DatasetGenerationError as exc:
+        if isinstance(exc.__cause__, UserError):
+            raise exc.__cause__ from None
+        raise
+
+
+def _stored_rows(
+    located: Located, key: str, rules: RowRules, max_rows: int | None, **cache_key: Any
+) -> Iterator[dict[str, str]]:
+    """The rows as stored: chat rows whole as JSON text; other rows as their checked fields, all strings."""
+    for record, fields in local_rows(located, key, rules, max_rows):
+        if rules.format == "chat":
+            kept = {name: record[name] for name in rules.file_columns if name in record}
+            yield {ROW_JSON: json.dumps(kept, ensure_ascii=False)}
+        else:
+            yield {rules.columns[name]: value for name, value in fields.items()}
