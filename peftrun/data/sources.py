@@ -642,6 +642,8 @@ def read_rows(
     key: str = "data.path",
     cache_dir: Path | None = None,
     as_json: bool = False,
+    subset: str | None = None,
+    data_files: Sequence[str] | None = None,
 ) -> datasets.Dataset:
     """The rows of a local file or Hub dataset, at most `max_samples` of them, as a `datasets.Dataset`.
 
@@ -650,9 +652,10 @@ def read_rows(
     null), which also spares pyarrow from typing columns nobody uses. `key` names the recipe key in
     errors; `cache_dir` is where `datasets` caches Hub downloads (default: its own cache). `as_json` keeps
     each local row whole, as JSON text in the ROW_JSON column (chat rows, whose messages vary in shape).
+    `subset` and `data_files` select a Hub dataset's configuration and files.
     """
     if is_hub_id(path):
-        rows = load_hub(path, split, key, cache_dir=cache_dir)
+        rows = load_hub(path, split, key, subset=subset, data_files=data_files, cache_dir=cache_dir)
         if max_samples is not None:
             rows = rows.select(range(min(max_samples, len(rows))))
         if columns is not None:

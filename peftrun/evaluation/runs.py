@@ -52,7 +52,15 @@ class LoadedRun:
     def data_config(self, path: str) -> DataConfig:
         """The run's data settings (format, columns, class names, lengths) pointed at `path`."""
         return self.recipe.data.model_copy(
-            update={"path": path, "val_path": None, "val_fraction": 0.0, "max_samples": None}
+            update={
+                "path": path,
+                "datasets": None,
+                "subset": None,
+                "data_files": None,
+                "val_path": None,
+                "val_fraction": 0.0,
+                "max_samples": None,
+            }
         )
 
     @property

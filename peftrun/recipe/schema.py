@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from peftrun.errors import OptionError, UserError
+from peftrun.errors import OptionError
 from peftrun.model.methods import NON_ADAPTER_KINDS, check_method_options, is_prompt_learning
 from peftrun.recipe.section import Section
 from peftrun.recipe.slurm import SlurmConfig
@@ -356,10 +356,23 @@ class DataConfig(Section):
             val_split=entry.val_split,
         )
 
-    def single_source(self, purpose: str) -> None:
-        """A UserError when the recipe mixes datasets and `purpose` reads one dataset only."""
-        if self.datasets:
-            raise UserError(f"data.datasets: not supported with {purpose} yet; give data.path")
+    def for_source(self, source: Source) -> DataConfig:
+        """These settings for one of `sources()` alone, in the short form: what code that reads one
+        dataset (the sample encoder, `peftrun data`) is given."""
+        data_files = list(source.data_files) if source.data_files is not None else None
+        return self.model_copy(
+            update={
+                "path": source.path,
+                "datasets": None,
+                "format": source.format,
+                "columns": source.columns,
+                "split": source.split,
+                "subset": source.subset,
+                "data_files": data_files,
+                "chat_template": source.chat_template,
+                "val_path": source.val_path,
+            }
+        )
 
 
 class TrainConfig(Section):
@@ -561,6 +574,8 @@ class Recipe(Section):
         ]:
             if fmt is not None and fmt not in formats:
                 raise ValueError(f"{key} '{fmt}' does not fit task {self.task} (use {' or '.join(formats)})")
+        if self.data.datasets and self.task != "causal_lm":
+            raise ValueError(f"data.datasets is for causal_lm; {self.task} reads one dataset: give data.path")
         if self.data.labels is not None and self.task not in CLASSIFIER_TASKS:
             raise ValueError(f"data.labels is for classification tasks, not {self.task}")
         if self.data.labels is not None and len(set(self.data.labels)) != len(self.data.labels):
