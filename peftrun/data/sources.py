@@ -140,7 +140,7 @@ def locate(path: str, key: str, fmt: str | None = None) -> Located:
     if is_hub_id(path):
         return Located("hub", path)
     if _GLOB_CHARS & set(path):
-        pattern = str(Path(path).expanduser())
+        pattern = str(Path(path).expanduser().absolute())
         matches = sorted(Path(p).resolve() for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
         if not matches:
             raise UserError(f"{key}: no file matches {pattern}")

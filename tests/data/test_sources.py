@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from peftrun.data import sources
-from peftrun.data.sources import check_source, is_hub_id, read_rows
+from peftrun.data.sources import Located, check_source, is_hub_id, locate, read_rows
 from peftrun.errors import UserError
 from peftrun.recipe.schema import DataConfig
 
@@ -372,3 +372,152 @@ def test_a_utf8_byte_order_mark_is_accepted(tmp_path: Path) -> None:
         check_source(DataConfig(path=str(tmp_path / name), format=fmt))
         first = read_rows(str(tmp_path / name))[0]
         assert first == ({"text": "hello"} if fmt == "text" else GOOD)
+
+
+# ------------------------------------------------------------------------------- kinds of data paths
+
+
+def _shards(folder: Path, count: int = 3, rows: int = 2) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for shard in range(count):
+        path = folder / f"part-{shard:02d}.jsonl"
+        path.write_text(_jsonl(*({**GOOD, "output": f"{shard}-{row}"} for row in range(rows))))
+        paths.append(path.resolve())
+    return paths
+
+
+def test_locate_every_kind_of_path(tmp_path: Path) -> None:
+    import datasets
+
+    shards = _shards(tmp_path / "shards")
+    (tmp_path / "shards" / "README.md").write_text("not data")
+    (tmp_path / "nested" / "b").mkdir(parents=True)
+    (tmp_path / "nested" / "b" / "z.jsonl").write_text(_jsonl(GOOD))
+    (tmp_path / "nested" / "a.jsonl").write_text(_jsonl(GOOD))
+    datasets.Dataset.from_list([GOOD]).save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([GOOD])}).save_to_disk(str(tmp_path / "dict"))
+    (tmp_path / "images" / "cat").mkdir(parents=True)
+    key = "data.path"
+    assert locate(str(shards[0]), key) == Located("files", str(shards[0]), (shards[0],))
+    assert locate(str(tmp_path / "shards"), key, "alpaca").files == tuple(shards)
+    assert locate(str(tmp_path / "shards" / "*.jsonl"), key).files == tuple(shards)
+    assert [p.name for p in locate(str(tmp_path / "nested"), key, "alpaca").files] == ["a.jsonl", "z.jsonl"]
+    assert locate(str(tmp_path / "saved"), key).kind == "saved"
+    assert locate(str(tmp_path / "dict"), key).kind == "saved"
+    assert locate(str(tmp_path / "images"), key, "images").kind == "images"
+    assert locate("org/some-dataset", key) == Located("hub", "org/some-dataset")
+
+
+@pytest.mark.parametrize(
+    ("make", "path", "expected"),
+    [
+        (lambda d: None, "shards/*.jsonl", "data.datasets[1].path: no file matches {dir}/shards/*.jsonl"),
+        (
+            lambda d: [
+                (d / "mix").mkdir(),
+                (d / "mix" / "a.jsonl").write_text("{}"),
+                (d / "mix" / "b.csv").write_text(""),
+            ],
+            "mix",
+            "data.datasets[1].path: mix mixes file types (.csv, .jsonl); shards must be of one type",
+        ),
+        (
+            lambda d: [(d / "g").mkdir(), (d / "g" / "a.tsv").write_text("")],
+            "g/*",
+            "data.datasets[1].path: unsupported file type '.tsv' ({dir}/g/a.tsv); use one of .json, .jsonl, .csv, "
+            ".parquet, .txt",
+        ),
+    ],
+    ids=["glob-matches-nothing", "mixed-types", "glob-unsupported"],
+)
+def test_bad_shard_paths_are_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make: Any, path: str, expected: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    make(tmp_path)
+    (tmp_path / "a.jsonl").write_text(_jsonl(GOOD))
+    with pytest.raises(UserError) as caught:
+        check_source(DataConfig(datasets=[{"path": "a.jsonl"}, {"path": path}]))
+    assert str(caught.value) == expected.replace("{dir}", str(tmp_path.resolve()))
+
+
+def test_a_bad_row_in_a_shard_names_the_shard_and_its_row(tmp_path: Path) -> None:
+    shards = _shards(tmp_path / "shards")
+    shards[1].write_text(_jsonl(GOOD, {"instruction": "q", "answer": "a"}))
+    with pytest.raises(UserError) as caught:
+        check_source(DataConfig(path=str(tmp_path / "shards")))
+    assert str(caught.value).startswith(f"{shards[1]}: row 2: missing 'output'")
+    # max_samples counts rows over the shards in order: the first shard and a half do not reach the bad row
+    check_source(DataConfig(path=str(tmp_path / "shards" / "*.jsonl"), max_samples=3))
+
+
+def test_each_dataset_is_checked_with_its_own_format_and_columns(tmp_path: Path) -> None:
+    (tmp_path / "a.jsonl").write_text(_jsonl(GOOD))
+    (tmp_path / "q.jsonl").write_text(_jsonl({"question": "q", "answer": "a"}))
+    (tmp_path / "c.jsonl").write_text(_jsonl(CHAT_OK))
+    entries: list[dict[str, Any]] = [
+        {"path": str(tmp_path / "a.jsonl")},
+        {"path": str(tmp_path / "q.jsonl"), "columns": {"instruction": "question", "output": "answer"}},
+        {"path": str(tmp_path / "c.jsonl"), "format": "chat"},
+    ]
+    check_source(DataConfig(datasets=entries))
+    entries[1]["columns"] = {"instrucion": "question"}
+    with pytest.raises(UserError) as caught:
+        check_source(DataConfig(datasets=entries))
+    assert str(caught.value).startswith(
+        "data.datasets[1].columns: 'instrucion' is not a column of format alpaca; did you mean 'instruction'?"
+    )
+
+
+def test_a_saved_dataset_dict_needs_an_existing_split(tmp_path: Path) -> None:
+    import datasets
+
+    splits = {"train": datasets.Dataset.from_list([GOOD]), "validation": datasets.Dataset.from_list([GOOD])}
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "dict"))
+    check_source(DataConfig(datasets=[{"path": str(tmp_path / "dict"), "val_split": "validation"}]))
+    with pytest.raises(UserError) as caught:
+        check_source(DataConfig(datasets=[{"path": str(tmp_path / "dict"), "split": "validaton"}]))
+    assert str(caught.value) == (
+        f"data.datasets[0].path: {tmp_path / 'dict'} has no split 'validaton'; did you mean 'validation'? "
+        "(splits: train, validation)"
+    )
+
+
+def test_hub_load_args_name_the_subset_split_and_files() -> None:
+    assert sources.hub_load_args("org/d", "test", "en", ("en/*.parquet",)) == {
+        "path": "org/d",
+        "name": "en",
+        "split": "test",
+        "data_files": ["en/*.parquet"],
+        "streaming": False,
+        "cache_dir": None,
+    }
+    assert sources.hub_load_args("org/d", "train")["name"] is None
+
+
+def test_a_hub_dataset_entry_reaches_load_dataset_with_its_subset_split_and_files(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import datasets
+
+    calls: list[dict[str, Any]] = []
+
+    def load_dataset(**kwargs: Any) -> datasets.Dataset:
+        calls.append(kwargs)
+        return datasets.Dataset.from_list([GOOD])
+
+    monkeypatch.setattr(sources, "_hub_offline", lambda: True)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    entry = {
+        "path": "org/d",
+        "subset": "en",
+        "split": "test",
+        "data_files": ["en/*.parquet"],
+        "val_split": "dev",
+    }
+    check_source(DataConfig(datasets=[entry]))
+    assert [(c["path"], c["name"], c["split"], c["data_files"]) for c in calls] == [
+        ("org/d", "en", "test", ["en/*.parquet"]),
+        ("org/d", "en", "dev", ["en/*.parquet"]),
+    ]
