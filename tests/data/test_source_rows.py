@@ -145,7 +145,7 @@ def test_a_hub_entry_loads_with_its_subset_split_and_files(
         calls.append(kwargs)
         return datasets.Dataset.from_list([{**_row(0), "noise": 1}, _row(1)])
 
-    monkeypatch.setattr(sources, "_hub_offline", lambda: True)
+    monkeypatch.setattr(sources.hub, "hub_offline", lambda: True)
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     (rows,) = _read(
         tmp_path, datasets=[{"path": "org/d", "subset": "en", "split": "test", "data_files": ["x.parquet"]}]

@@ -313,7 +313,7 @@ def test_unreachable_hub_fails_fast_naming_data_path(monkeypatch: pytest.MonkeyP
     def unreachable(*args: Any, **kwargs: Any) -> None:
         raise OSError("Name or service not known")
 
-    monkeypatch.setattr(sources, "_hub_offline", lambda: False)
+    monkeypatch.setattr(sources.hub, "hub_offline", lambda: False)
     monkeypatch.setattr(HfApi, "dataset_info", unreachable)
     start = time.perf_counter()
     with pytest.raises(UserError) as caught:
@@ -329,7 +329,7 @@ def test_unreachable_hub_fails_fast_naming_data_path(monkeypatch: pytest.MonkeyP
 def test_offline_hub_without_a_cached_copy(monkeypatch: pytest.MonkeyPatch) -> None:
     import datasets
 
-    monkeypatch.setattr(sources, "_hub_offline", lambda: True)
+    monkeypatch.setattr(sources.hub, "hub_offline", lambda: True)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     start = time.perf_counter()
     with pytest.raises(
@@ -353,7 +353,7 @@ def test_hub_dataset_rows_are_read_and_checked(monkeypatch: pytest.MonkeyPatch) 
         calls.append({"path": path, **kwargs})
         return datasets.Dataset.from_list(rows)
 
-    monkeypatch.setattr(sources, "_hub_offline", lambda: True)
+    monkeypatch.setattr(sources.hub, "hub_offline", lambda: True)
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     read = read_rows("org/alpaca-like", "test", max_samples=2, columns=["instruction", "output"])
     assert read.to_list() == [{"instruction": r["instruction"], "output": r["output"]} for r in rows[:2]]
@@ -507,7 +507,7 @@ def test_a_hub_dataset_entry_reaches_load_dataset_with_its_subset_split_and_file
         calls.append(kwargs)
         return datasets.Dataset.from_list([GOOD])
 
-    monkeypatch.setattr(sources, "_hub_offline", lambda: True)
+    monkeypatch.setattr(sources.hub, "hub_offline", lambda: True)
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     entry = {
         "path": "org/d",
