@@ -8,6 +8,7 @@ with the file, the dotted key and a did-you-mean suggestion.
 
 from __future__ import annotations
 
+import glob
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -355,6 +356,18 @@ class DataConfig(Section):
             val_path=entry.val_path,
             val_split=entry.val_split,
         )
+
+    def read_paths(self) -> list[str]:
+        """Every data path of the recipe, a glob as the files it matches: what output_dir must stay clear
+        of (Hub ids are among them; they name nothing on disk)."""
+        paths = [path for source in self.sources() for path in (source.path, source.val_path) if path]
+        return [
+            match
+            for path in paths
+            for match in (
+                sorted(glob.glob(str(Path(path).expanduser()))) if set(path) & set("*?[") else [path]
+            )
+        ]
 
     def for_source(self, source: Source) -> DataConfig:
         """These settings for one of `sources()` alone, in the short form: what code that reads one

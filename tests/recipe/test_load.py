@@ -311,3 +311,24 @@ def test_slurm_time_formats(text: str, seconds: int) -> None:
     from peftrun.recipe.slurm import slurm_time_seconds
 
     assert slurm_time_seconds(text) == seconds
+
+
+def test_read_paths_are_every_dataset_path_and_a_globs_matches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from peftrun.recipe.schema import DataConfig
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shards").mkdir()
+    for name in ("b.jsonl", "a.jsonl", "notes.md"):
+        (tmp_path / "shards" / name).write_text("{}\n")
+    data = DataConfig(
+        datasets=[
+            {"path": "shards/*.jsonl"},
+            {"path": "org/hub", "val_split": "dev"},
+            {"path": "folder", "val_path": "v.jsonl"},
+            {"path": "none/*.jsonl"},
+        ]
+    )
+    assert data.read_paths() == ["shards/a.jsonl", "shards/b.jsonl", "org/hub", "folder", "v.jsonl"]
+    assert DataConfig(path="t.jsonl", val_path="v.jsonl").read_paths() == ["t.jsonl", "v.jsonl"]
