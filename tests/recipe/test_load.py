@@ -10,6 +10,7 @@ import yaml
 
 from peftrun.errors import UserError
 from peftrun.recipe.load import load_recipe, parse_override, recipe_to_yaml
+from peftrun.recipe.schema import DataConfig
 
 BASE: dict[str, Any] = {"output_dir": "runs/x", "model": {"name_or_path": "m"}, "data": {"path": "d.jsonl"}}
 
@@ -316,8 +317,6 @@ def test_slurm_time_formats(text: str, seconds: int) -> None:
 def test_read_paths_are_every_dataset_path_and_a_globs_matches(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from peftrun.recipe.schema import DataConfig
-
     monkeypatch.chdir(tmp_path)
     (tmp_path / "shards").mkdir()
     for name in ("b.jsonl", "a.jsonl", "notes.md"):
