@@ -97,8 +97,7 @@ def local_rows(
     taken = 0
     for file in located.files:
         _check_format_fits(located.path, key, file, rules.format)
-        # A file the recipe names keeps that name in messages; shards are named by their own paths.
-        name = located.path if Path(located.path).expanduser().resolve() == file else str(file)
+        name = located.name_of(file)
         limit = None if max_rows is None else max_rows - taken
         if limit == 0:
             break

@@ -60,6 +60,10 @@ class Located:
     path: str  # as the recipe gives it, for messages
     files: tuple[Path, ...] = ()  # files: the data files; saved/images: the folder
 
+    def name_of(self, file: Path) -> str:
+        """How messages name `file`: as the recipe gives it when it is that path; a shard by its own path."""
+        return self.path if Path(self.path).expanduser().resolve() == file else str(file)
+
 
 def locate(path: str, key: str, fmt: str | None = None) -> Located:
     """Resolve a data path; one UserError naming `key` when it names nothing usable.

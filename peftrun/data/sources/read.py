@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from peftrun.data.sources import hub
 from peftrun.data.sources.fields import ROW_JSON
-from peftrun.data.sources.paths import is_hub_id, locate
+from peftrun.data.sources.paths import locate
 from peftrun.data.sources.readers import iter_file
 from peftrun.errors import UserError
 
@@ -58,20 +58,16 @@ def read_rows(
     each local row whole, as JSON text in the ROW_JSON column (chat rows, whose messages vary in shape).
     `subset` and `data_files` select a Hub dataset's configuration and files.
     """
-    if is_hub_id(path):
-        rows = hub.load_hub(path, split, key, subset=subset, data_files=data_files, cache_dir=cache_dir)
-        if max_samples is not None:
-            rows = rows.select(range(min(max_samples, len(rows))))
-        if columns is not None:
-            rows = rows.select_columns([c for c in columns if c in rows.column_names])
-        return rows
     located = locate(path, key)
-    if located.kind == "saved":
-        rows = hub.load_saved(located.files[0], split, key)
+    if located.kind in ("hub", "saved"):
+        if located.kind == "hub":
+            rows = hub.load_hub(path, split, key, subset=subset, data_files=data_files, cache_dir=cache_dir)
+        else:
+            rows = hub.load_saved(located.files[0], split, key)
         if max_samples is not None:
             rows = rows.select(range(min(max_samples, len(rows))))
         return (
             rows if columns is None else rows.select_columns([c for c in columns if c in rows.column_names])
         )
-    records = (record for file in located.files for _, record in iter_file(str(file), file))
+    records = (record for file in located.files for _, record in iter_file(located.name_of(file), file))
     return _dataset_from_records(path, list(islice(records, max_samples)), columns, as_json)
