@@ -148,9 +148,9 @@ def check_source(cfg: DataConfig) -> None:
     its format needs; only the first `max_samples` rows of each are checked since only those are used."""
     for source in cfg.sources():
         rules = RowRules.of(source.format, source.columns, cfg.tools, source.key_of("columns"))
-        hub: dict[str, Any] = {"subset": source.subset, "data_files": source.data_files}
-        check_dataset(source.path, source.key_of("path"), rules, cfg.max_samples, split=source.split, **hub)
+        where: dict[str, Any] = {"subset": source.subset, "data_files": source.data_files}
+        check_dataset(source.path, source.key_of("path"), rules, cfg.max_samples, split=source.split, **where)
         if source.val_path is not None:
             check_dataset(source.val_path, source.key_of("val_path"), rules)
         if source.val_split is not None:
-            check_dataset(source.path, source.key_of("val_split"), rules, split=source.val_split, **hub)
+            check_dataset(source.path, source.key_of("val_split"), rules, split=source.val_split, **where)
