@@ -407,6 +407,8 @@ def test_locate_every_kind_of_path(tmp_path: Path) -> None:
     assert locate(str(tmp_path / "dict"), key).kind == "saved"
     assert locate(str(tmp_path / "images"), key, "images").kind == "images"
     assert locate("org/some-dataset", key) == Located("hub", "org/some-dataset")
+    with pytest.raises(UserError, match=r"^data.path: empty path$"):
+        locate(" ", key)
 
 
 @pytest.mark.parametrize(

@@ -72,6 +72,8 @@ def locate(path: str, key: str, fmt: str | None = None) -> Located:
     a saved dataset when it holds save_to_disk's files, else a folder of shards (every supported file
     below it, sorted by path, all of one type).
     """
+    if not path.strip():  # never the current directory by accident
+        raise UserError(f"{key}: empty path")
     if is_hub_id(path):
         return Located("hub", path)
     if _GLOB_CHARS & set(path):
