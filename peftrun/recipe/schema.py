@@ -324,26 +324,18 @@ class DataConfig(Section):
         return self
 
     def sources(self) -> list[Source]:
-        """Every dataset of the recipe, one uniform list for both forms (path is a list of one)."""
+        """Every dataset of the recipe, one uniform list for both forms (data.path is a list of one)."""
         if not self.datasets:
-            return [
-                Source(
-                    key="data",
-                    path=self.path,
-                    format=self.format,
-                    columns=dict(self.columns),
-                    split=self.split,
-                    subset=self.subset,
-                    data_files=tuple(self.data_files) if self.data_files is not None else None,
-                    chat_template=self.chat_template,
-                    val_path=self.val_path,
-                )
-            ]
-        return [self._source(index, entry) for index, entry in enumerate(self.datasets)]
+            short = DatasetSource(
+                path=self.path, subset=self.subset, data_files=self.data_files, val_path=self.val_path
+            )
+            return [self._source("data", short)]
+        return [self._source(f"data.datasets[{index}]", entry) for index, entry in enumerate(self.datasets)]
 
-    def _source(self, index: int, entry: DatasetSource) -> Source:
+    def _source(self, key: str, entry: DatasetSource) -> Source:
+        """`entry` with the top-level defaults filled in."""
         return Source(
-            key=f"data.datasets[{index}]",
+            key=key,
             path=entry.path,
             format=entry.format or self.format,
             columns=dict(self.columns if entry.columns is None else entry.columns),
