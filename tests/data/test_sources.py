@@ -135,9 +135,9 @@ BAD_INPUTS = [
     ),
     pytest.param(
         "x.json",
-        '[{"a": 1}, ',
+        f"[{json.dumps(GOOD)}, ",  # a JSON array is streamed: row 1 is read (and checked) first
         {},
-        "x.json: invalid JSON (Expecting value at line 1 column 12)",
+        "x.json: invalid JSON (Expecting value at line 1 column 63)",
         id="json-broken",
     ),
     pytest.param(
@@ -362,6 +362,32 @@ def test_hub_dataset_rows_are_read_and_checked(monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(UserError) as caught:
         check_source(DataConfig(path="org/alpaca-like"))
     assert str(caught.value) == "org/alpaca-like: row 3: 'output' must be a string, got null"
+
+
+def test_a_json_array_streams_across_chunk_boundaries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from peftrun.data.sources import readers
+
+    monkeypatch.setattr(readers, "_JSON_CHUNK", 7)  # every object, string and delimiter is cut somewhere
+    rows = [{**GOOD, "output": f"answer {i} \u00e9 [x], {{y}}"} for i in range(20)]
+    (tmp_path / "a.json").write_text(" \n[\n" + ",\n  ".join(json.dumps(r) for r in rows) + "\n]\n")
+    assert read_rows(str(tmp_path / "a.json")).to_list() == rows
+    (tmp_path / "empty.json").write_text("[ ]")
+    with pytest.raises(UserError, match=r"empty.json: no rows"):
+        check_source(DataConfig(path=str(tmp_path / "empty.json")))
+    for broken in [
+        "[" + json.dumps(GOOD) + " " + json.dumps(GOOD) + "]",  # no comma
+        "[" + json.dumps(GOOD) + "] []",  # more after the array
+        "[" + json.dumps(GOOD) + ",]",  # trailing comma
+    ]:
+        (tmp_path / "b.json").write_text(broken)
+        with pytest.raises(json.JSONDecodeError) as parsed:
+            json.loads(broken)
+        with pytest.raises(UserError) as caught:
+            check_source(DataConfig(path=str(tmp_path / "b.json")))
+        where = f"{parsed.value.msg} at line {parsed.value.lineno} column {parsed.value.colno}"
+        assert str(caught.value) == f"{tmp_path / 'b.json'}: invalid JSON ({where})"
 
 
 def test_a_utf8_byte_order_mark_is_accepted(tmp_path: Path) -> None:

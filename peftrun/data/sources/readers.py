@@ -18,11 +18,13 @@ import sys
 from collections.abc import Iterator
 from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from peftrun.errors import UserError
 
 SUPPORTED_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
+# A JSON array is read this many characters at a time.
+_JSON_CHUNK = 1 << 20
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -49,12 +51,80 @@ def _read_jsonl(path: str, file: Path) -> Iterator[tuple[int | None, dict[str, A
 
 
 def _read_json(path: str, file: Path) -> Iterator[tuple[int | None, dict[str, Any]]]:
+    """A JSON array is streamed, one object in memory at a time; anything else (JSON Lines saved as
+    .json, or a mistake) is parsed whole, as is an array found broken, so errors read as json.loads says."""
+    with file.open(encoding="utf-8-sig") as handle:
+        buffer, pos = _skip_space(handle, "", 0)
+        if buffer[pos : pos + 1] == "[":
+            try:
+                for index, record in enumerate(_array_items(handle, buffer, pos + 1), start=1):
+                    if not isinstance(record, dict):
+                        raise _parse_error(
+                            path, f"row {index}: ", f"expected a JSON object, got {type_name(record)}"
+                        )
+                    yield None, record
+                return
+            except _BrokenArray:
+                pass
+    yield from _read_json_whole(path, file)
+
+
+class _BrokenArray(Exception):
+    """The streamed array is not valid JSON; the whole-file parse says where."""
+
+
+def _skip_space(handle: TextIO, buffer: str, pos: int) -> tuple[str, int]:
+    """(buffer, position of its next non-space character), reading on as needed; position == len at EOF."""
+    while True:
+        while pos < len(buffer) and buffer[pos] in " \t\n\r":
+            pos += 1
+        if pos < len(buffer):
+            return buffer, pos
+        more = handle.read(_JSON_CHUNK)
+        if not more:
+            return buffer, pos
+        buffer, pos = more, 0
+
+
+def _array_items(handle: TextIO, buffer: str, pos: int) -> Iterator[Any]:
+    """The items of a JSON array whose '[' ends at `pos`; memory: a chunk and one item."""
+    decoder = json.JSONDecoder()
+    buffer, pos = _skip_space(handle, buffer, pos)
+    if buffer[pos : pos + 1] == "]":
+        buffer, pos = _skip_space(handle, buffer, pos + 1)
+        if pos < len(buffer):
+            raise _BrokenArray
+        return
+    while True:
+        while True:
+            try:
+                item, pos = decoder.raw_decode(buffer, pos)
+                break
+            except json.JSONDecodeError:  # cut at the chunk's end, or broken: read on to tell
+                more = handle.read(_JSON_CHUNK)
+                if not more:
+                    raise _BrokenArray from None
+                buffer, pos = buffer[pos:] + more, 0
+        yield item
+        buffer, pos = _skip_space(handle, buffer, pos)
+        if buffer[pos : pos + 1] == ",":
+            buffer, pos = _skip_space(handle, buffer, pos + 1)
+        elif buffer[pos : pos + 1] == "]":
+            buffer, pos = _skip_space(handle, buffer, pos + 1)
+            if pos < len(buffer):
+                raise _BrokenArray
+            return
+        else:
+            raise _BrokenArray
+
+
+def _read_json_whole(path: str, file: Path) -> Iterator[tuple[int | None, dict[str, Any]]]:
     text = file.read_text(encoding="utf-8-sig")
     try:
         records = json.loads(text)
     except json.JSONDecodeError as exc:
-        if exc.msg == "Extra data":  # several top-level values: JSON Lines saved as .json
-            yield from _read_jsonl(path, file)
+        if exc.msg == "Extra data" and not text.lstrip().startswith("["):
+            yield from _read_jsonl(path, file)  # several top-level objects: JSON Lines saved as .json
             return
         raise _parse_error(
             path, "", f"invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
