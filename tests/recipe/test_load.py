@@ -298,6 +298,9 @@ def test_resolved_recipe_round_trips(tmp_path: Path) -> None:
     again = load_recipe(_write(tmp_path, recipe_to_yaml(recipe)))
     assert again == recipe
     assert again.method.options == {"r": 8, "alpha": 16}
+    entries = [{"path": "a.jsonl", "weight": 2}, {"path": "org/b", "subset": "en", "samples": 5}]
+    mixed = load_recipe(_write(tmp_path, {**BASE, "data": {"datasets": entries}}))
+    assert load_recipe(_write(tmp_path, recipe_to_yaml(mixed))) == mixed
 
 
 def test_a_recipe_that_is_not_utf8_is_named_with_its_line(tmp_path: Path) -> None:
