@@ -41,6 +41,7 @@ from peftrun.data.sources import (
     load_saved,
     local_rows,
     locate,
+    sha256_of,
 )
 from peftrun.errors import UserError
 from peftrun.staging import staged_file
@@ -125,15 +126,7 @@ def _local_identity(located: Located) -> str:
         folder = located.files[0]
         listing = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
         return "images:" + hashlib.sha256(json.dumps(listing).encode()).hexdigest()
-    return "sha256:" + ",".join(_sha256(file) for file in located.files)
-
-
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with file.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return "sha256:" + ",".join(sha256_of(file) for file in located.files)
 
 
 def _load_parquet(located: Located, identity: str, cache_dir: Path) -> datasets.Dataset:

@@ -33,7 +33,7 @@ from peftrun.data.sources.fields import (
     image_path,
 )
 from peftrun.data.sources.hub import hub_load_args, hub_offline, load_hub, load_saved
-from peftrun.data.sources.paths import Located, digest_file, is_hub_id, locate
+from peftrun.data.sources.paths import Located, digest_file, is_hub_id, locate, sha256_of
 from peftrun.data.sources.read import read_rows
 from peftrun.data.sources.readers import IMAGE_SUFFIXES, SUPPORTED_SUFFIXES
 
@@ -62,4 +62,5 @@ __all__ = [
     "local_rows",
     "locate",
     "read_rows",
+    "sha256_of",
 ]

@@ -111,8 +111,13 @@ def _one_type(key: str, path: str, files: list[Path]) -> tuple[Path, ...]:
 
 def digest_file(path: str, key: str = "data.path") -> str:
     """sha256 of a local data file's bytes: the cache key of what was read from it."""
+    return sha256_of(local_file(path, key))
+
+
+def sha256_of(file: Path) -> str:
+    """sha256 of a file's bytes, read a MiB at a time."""
     digest = hashlib.sha256()
-    with local_file(path, key).open("rb") as handle:
+    with file.open("rb") as handle:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
