@@ -158,3 +158,21 @@ def test_a_hub_entry_loads_with_its_subset_split_and_files(
     )
     assert rows.train.column_names == ["instruction", "input", "output"]
     assert rows.identity[0].startswith('hub:["org/d", "en", "test", ["x.parquet"]]:')
+
+
+def test_an_image_folder_becomes_path_and_label_rows(tmp_path: Path) -> None:
+    for label, names in {"cat": ["b.png", "a.jpg"], "dog": ["c.png"]}.items():
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for name in names:
+            (tmp_path / "images" / label / name).write_bytes(
+                b""
+            )  # the rows hold paths; pixels are read later
+    (rows,) = _read(tmp_path, path=str(tmp_path / "images"), format="images")
+    assert [
+        (Path(r["image"]).relative_to(tmp_path / "images").as_posix(), r["label"]) for r in rows.train
+    ] == [
+        ("cat/a.jpg", "cat"),
+        ("cat/b.png", "cat"),
+        ("dog/c.png", "dog"),
+    ]
+    assert rows.identity[0].startswith("images:")
