@@ -121,3 +121,26 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(write_recipe: Any, tmp_pa
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == list(range(1, stopped_at + 3))
     assert (out / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_validate_checks_every_dataset_of_a_mixture(
+    write_recipe: Any, alpaca_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from peftrun.cli.main import main
+
+    (tmp_path / "shards").mkdir()
+    good = {"instruction": "Say hi.", "input": "", "output": "hi"}
+    (tmp_path / "shards" / "a.jsonl").write_text(json.dumps(good) + "\n")
+    bad = tmp_path / "shards" / "b.jsonl"
+    bad.write_text(json.dumps(good) + "\n" + json.dumps({"instruction": "no output"}) + "\n")
+    datasets = [{"path": str(alpaca_file), "weight": 3}, {"path": str(tmp_path / "shards"), "weight": 1}]
+    recipe = write_recipe(data={"_replace": True, "datasets": datasets, "max_seq_len": 256})
+    assert main(["validate", str(recipe)]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors == [
+        f"peftrun: error: {bad}: row 2: missing 'output' (columns: instruction); map it with data.columns"
+    ]
+    bad.write_text(json.dumps(good) + "\n")
+    assert main(["validate", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "weight: 3.0" in out and ": OK" in out

@@ -10,8 +10,9 @@ import pytest
 import yaml
 
 from peftrun.cli.main import main
-from peftrun.merge.model_card import push_to_hub
+from peftrun.merge.model_card import push_to_hub, render_card
 from peftrun.recipe.load import load_recipe
+from peftrun.run.outputs import RESOLVED_RECIPE
 from peftrun.train.loop import train
 
 
@@ -87,3 +88,15 @@ def test_push_without_network_is_one_line(
     assert main(["export", str(finished_run), "--out", str(out), "--push-to-hub", "me/model"]) == 2
     assert "the Hub is not reachable (HF_HUB_OFFLINE is set)" in capsys.readouterr().err
     assert (out / "README.md").is_file()  # the export and its card are kept
+
+
+def test_the_card_names_the_hub_datasets_of_a_mixture(tmp_path: Path) -> None:
+    (tmp_path / "shards").mkdir()
+    data = {
+        "path": "",
+        "datasets": [{"path": "org/chats"}, {"path": str(tmp_path / "shards")}, {"path": "x/*.jsonl"}],
+    }
+    (tmp_path / RESOLVED_RECIPE).write_text(yaml.safe_dump({"method": {"kind": "lora"}, "data": data}))
+    card = render_card(tmp_path, "adapter", "base/model")
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["datasets"] == ["org/chats"]  # local folders and globs are not Hub datasets

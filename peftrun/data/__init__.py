@@ -9,9 +9,10 @@ tokenizer, chat template, the `data` settings, PIPELINE_VERSION), so a changed i
 from a stale cache. An entry holds Arrow files written batch by batch (`arrow.py`), which every process
 of a run memory-maps: one process per machine tokenizes, the others wait for its entry (`shared.py`).
 
-Building an entry is two steps, so that more sources slot in: per source, rows -> a tokenized Arrow
-dataset with per-row columns (`tokenize_source`); then `_assemble` selects the train/eval samples by
-index and counts the report from those columns.
+Building an entry: per dataset of the recipe (data.path, or each of data.datasets), its rows are read
+(`source_rows.read_source`) and tokenized into an Arrow dataset with per-row columns (`tokenize_source`);
+then `assemble` selects the train/eval samples by index, mixes the datasets (`mixture.py`) and counts
+the report from those columns.
 """
 
 from __future__ import annotations
@@ -25,14 +26,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from peftrun.data.arrow import SAMPLE_COLUMNS, TokenizedSource, column, default_num_proc, tokenize_source
+from peftrun.data.arrow import TokenizedSource, default_num_proc, tokenize_source
+from peftrun.data.assemble import TokenizedDataset, assemble, is_mixture
 from peftrun.data.chat.encode import ChatEncoder
 from peftrun.data.progress import Progress
-from peftrun.data.rows import holdout_rows
+from peftrun.data.report import DataReport, TokenizedData
 from peftrun.data.shared import DataSharing, recording_failure, wait_for_entry
-from peftrun.data.sources import check_file, check_source, column_map, digest_file, is_hub_id, read_rows
-from peftrun.data.templates import adopt_chat_template
-from peftrun.data.tokenize import IGNORE_INDEX, SampleEncoder, TokenizeStats, attention_mask, pad
+from peftrun.data.source_rows import read_source, source_identity
+from peftrun.data.sources import check_source, column_map
+from peftrun.data.templates import dataset_templates
+from peftrun.data.tokenize import IGNORE_INDEX, SampleEncoder, attention_mask, pad
 from peftrun.errors import UserError
 from peftrun.staging import staged_dir
 
@@ -55,62 +58,7 @@ __all__ = [
 ]
 
 # Bump whenever the tokens produced for the same inputs change, so old caches are not reused.
-PIPELINE_VERSION = "3"  # 2: chat spans from one rendering; 3: Arrow files from Dataset.map, a length column
-
-
-@dataclass
-class DataReport:
-    rows: int  # rows read: the training file's (after max_samples) plus val_path's
-    kept: int  # samples kept, train + eval
-    truncated: int  # kept, but cut to max_seq_len
-    dropped_overlong: int  # over max_seq_len with overlong=drop, or nothing trainable left after truncation
-    dropped_empty: int  # nothing to learn: empty output/text, or no assistant turn
-    train_samples: int
-    eval_samples: int
-    supervised_tokens: int  # train split: tokens with a label (the loss is computed on them)
-    total_tokens: int  # train split: all tokens
-    cache_hit: bool
-    template_warnings: int = 0  # chat rows with a template warning (`peftrun data` lists them)
-    chat_masks: str | None = None  # chat: where the trained spans come from
-    packed_rows: int | None = None  # data.packing: training sequences the samples were packed into
-    packed_capacity: int | None = None  # their maximum length (max_seq_len)
-
-    def lines(self) -> list[str]:
-        """Human-readable summary for the log."""
-        share = 100 * self.supervised_tokens / self.total_tokens if self.total_tokens else 0.0
-        return (
-            [
-                f"data: {self.rows:,} rows -> {self.kept:,} samples ({self.train_samples:,} train, "
-                f"{self.eval_samples:,} eval)",
-                f"data: {self.truncated:,} truncated to max_seq_len, {self.dropped_overlong:,} dropped as over-long, "
-                f"{self.dropped_empty:,} dropped with nothing to learn",
-                f"data: {self.total_tokens:,} train tokens per epoch, {self.supervised_tokens:,} supervised ({share:.1f}%)",
-                f"data: tokenized data {'loaded from the cache' if self.cache_hit else 'tokenized and cached'}",
-            ]
-            + ([f"data: chat masks from {self.chat_masks}"] if self.chat_masks else [])
-            + (
-                [
-                    f"data: {self.template_warnings:,} rows with template warnings; `peftrun data RECIPE` shows them"
-                ]
-                if self.template_warnings
-                else []
-            )
-            + (
-                [
-                    f"data: packed {self.train_samples:,} train samples into {self.packed_rows:,} sequences of up to "
-                    f"{self.packed_capacity:,} tokens ({100 * self.total_tokens / (self.packed_rows * self.packed_capacity):.1f}% full)"
-                ]
-                if self.packed_rows and self.packed_capacity
-                else []
-            )
-        )
-
-
-@dataclass
-class TokenizedData:
-    train: datasets.Dataset  # columns input_ids, labels (lists of int32), length
-    eval: datasets.Dataset | None
-    report: DataReport
+PIPELINE_VERSION = "4"  # 2: chat spans from one rendering; 3: Arrow files from Dataset.map, a length column; 4: data.datasets
 
 
 # ------------------------------------------------------------------------------------------- batching
@@ -159,23 +107,42 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def cache_key(
-    cfg: DataConfig, tokenizer: Any, chat_template: str | None, seed: int, sources: Sequence[str]
+    cfg: DataConfig,
+    tokenizer: Any,
+    chat_templates: Sequence[str | None],
+    seed: int,
+    identities: Sequence[str],
 ) -> str:
-    """Hash of every input of the tokenized data; `sources` identify the data (content hashes)."""
-    # Every DataConfig field shapes the tokens except these, which enter through `sources` and
-    # `chat_template` (the resolved template text, not its name). A new field is part of the key by default.
-    # num_proc, streaming and shuffle_buffer decide how samples are made or read, not what they hold.
+    """Hash of every input of the tokenized data: `identities` are the datasets' contents (file hashes,
+    Hub fingerprints), `chat_templates` each dataset's resolved template text."""
+    # Every DataConfig field shapes the tokens except these: the datasets enter through `identities`,
+    # `chat_templates` and `datasets` below; num_proc, streaming and shuffle_buffer decide how samples
+    # are made or read, not what they hold. A new field is part of the key by default.
     settings = cfg.model_dump(
-        exclude={"path", "val_path", "split", "chat_template", "num_proc", "streaming", "shuffle_buffer"}
+        exclude={
+            *("path", "val_path", "split", "subset", "data_files", "chat_template", "datasets"),
+            *("num_proc", "streaming", "shuffle_buffer"),
+        }
     )
     settings["columns"] = column_map(cfg.format, cfg.columns)
+    datasets = [
+        {
+            "format": source.format,
+            "columns": column_map(source.format, source.columns),
+            "weight": source.weight,
+            "samples": source.samples,
+        }
+        for source in cfg.sources()
+    ]
     inputs = {
         "pipeline": PIPELINE_VERSION,
-        "sources": list(sources),
+        "sources": list(identities),
+        "datasets": datasets,
         "tokenizer": tokenizer_fingerprint(tokenizer),
-        "chat_template": chat_template,
+        "chat_template": list(chat_templates),
         "settings": settings,
-        "seed": seed if cfg.val_fraction > 0 else None,  # the seed only picks the held-out rows
+        # The seed picks held-out rows and a mixture's samples, nothing else.
+        "seed": seed if cfg.val_fraction > 0 or is_mixture(cfg) else None,
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -222,25 +189,6 @@ def _write_entry(tmp: Path, data: TokenizedData) -> None:
 # -------------------------------------------------------------------------------------------- prepare
 
 
-def _read_local(path: str, cfg: DataConfig, key: str, columns: list[str]) -> datasets.Dataset:
-    """Check a local file (for errors naming the row), then read it; max_samples applies to data.path only."""
-    max_rows = cfg.max_samples if key == "data.path" else None
-    check_file(path, cfg, key, max_rows)
-    return read_rows(path, max_samples=max_rows, columns=columns, key=key, as_json=cfg.format == "chat")
-
-
-def _source_ids(cfg: DataConfig, train_rows: datasets.Dataset | None) -> list[str]:
-    """Content identities of the data: file hashes, or a Hub dataset's id, split and datasets fingerprint."""
-    if train_rows is not None:  # a Hub dataset, already loaded
-        # datasets derives the fingerprint from the builder config, data files and revision.
-        ids = [f"hub:{cfg.path}:{cfg.split}:{train_rows._fingerprint}"]
-    else:
-        ids = [f"sha256:{digest_file(cfg.path)}"]
-    if cfg.val_path is not None:
-        ids.append(f"sha256:{digest_file(cfg.val_path, 'data.val_path')}")
-    return ids
-
-
 def prepare_data(
     cfg: DataConfig, tokenizer: Any, seed: int, cache_dir: Path, sharing: DataSharing | None = None
 ) -> TokenizedData:
@@ -252,27 +200,17 @@ def prepare_data(
     Raises UserError for bad data, naming the file and the row.
     """
     sharing = sharing or DataSharing()
-    chat_template = adopt_chat_template(tokenizer, cfg.format, cfg.chat_template)
-    columns = list(dict.fromkeys(column_map(cfg.format, cfg.columns).values()))
-    # A Hub dataset is loaded first (from the HF cache when downloaded): its fingerprint is its identity.
-    hub_rows = (
-        read_rows(cfg.path, cfg.split, cfg.max_samples, columns=columns) if is_hub_id(cfg.path) else None
-    )
-    key = cache_key(cfg, tokenizer, chat_template, seed, _source_ids(cfg, hub_rows))
-    entry = Path(cache_dir) / f"data-{key}"
+    sources = cfg.sources()
+    templates = dataset_templates(tokenizer, cfg)
+    identities = [identity for source in sources for identity in source_identity(source)]
+    entry = Path(cache_dir) / f"data-{cache_key(cfg, tokenizer, templates, seed, identities)}"
     if _is_complete(entry):
         return _load_cached(entry, cache_hit=True)
     if not sharing.main:
         wait_for_entry(entry, _is_complete, sharing)
         return _load_cached(entry, cache_hit=False)
     with recording_failure(entry):
-        train_rows = hub_rows if hub_rows is not None else _read_local(cfg.path, cfg, "data.path", columns)
-        val_rows = (
-            _read_local(cfg.val_path, cfg, "data.val_path", columns)
-            if cfg.val_path is not None and cfg.val_fraction == 0
-            else None
-        )
-        _build_entry(entry, _Inputs(cfg, tokenizer, chat_template, seed), train_rows, val_rows, sharing)
+        _build_entry(entry, _Inputs(cfg, tokenizer, templates, seed), sharing)
     return _load_cached(entry, cache_hit=False)
 
 
@@ -280,87 +218,46 @@ def prepare_data(
 class _Inputs:
     cfg: DataConfig
     tokenizer: Any
-    chat_template: str | None
+    chat_templates: list[str | None]  # per dataset of cfg.sources()
     seed: int
 
 
-def _build_entry(
-    entry: Path,
-    inputs: _Inputs,
-    train_rows: datasets.Dataset,
-    val_rows: datasets.Dataset | None,
-    sharing: DataSharing,
-) -> None:
-    """Tokenize each source into Arrow files, assemble the splits, and publish the entry whole."""
+def _build_entry(entry: Path, inputs: _Inputs, sharing: DataSharing) -> None:
+    """Read and tokenize each dataset into Arrow files, assemble the splits, and publish the entry whole."""
+    cfg = inputs.cfg
     # A concurrent run (another machine on a shared cache) may publish the same entry first: same tokens.
     with staged_dir(entry, is_complete=_is_complete) as tmp, _no_progress_bars():
-        work = tmp / "work"  # the per-source map outputs; the entry keeps only the assembled splits
-        train = _tokenize(inputs, inputs.cfg.path, train_rows, work / "train", sharing)
-        val_path = inputs.cfg.val_path
-        val = (
-            _tokenize(inputs, val_path, val_rows, work / "val", sharing)
-            if val_path is not None and val_rows is not None
-            else None
-        )
-        data = _assemble(inputs.cfg, train, val, inputs.seed)
-        if inputs.cfg.format == "chat" and inputs.chat_template is not None:
-            data.report.chat_masks = ChatEncoder(inputs.tokenizer, inputs.chat_template, inputs.cfg).method
+        work = tmp / "work"  # rows and per-dataset map outputs; the entry keeps only the assembled splits
+        parts = []
+        for index, (source, template) in enumerate(zip(cfg.sources(), inputs.chat_templates, strict=True)):
+            rows = read_source(source, cfg, cache_dir=work / "rows")
+            encoder = SampleEncoder(inputs.tokenizer, cfg.for_source(source), source.path, template)
+            train = _tokenize(cfg, encoder, source.path, rows.train, work / f"train-{index}", sharing)
+            held_out = (
+                _tokenize(
+                    cfg, encoder, source.val_path or source.path, rows.eval, work / f"eval-{index}", sharing
+                )
+                if rows.eval is not None
+                else None
+            )
+            parts.append(TokenizedDataset(source, train, held_out))
+        data = assemble(cfg, parts, inputs.seed)
+        chat_template = next((t for t in inputs.chat_templates if t is not None), None)
+        if chat_template is not None:
+            data.report.chat_masks = ChatEncoder(inputs.tokenizer, chat_template, cfg).method
         _write_entry(tmp, data)
         shutil.rmtree(work)
 
 
 def _tokenize(
-    inputs: _Inputs, path: str, rows: datasets.Dataset, work: Path, sharing: DataSharing
+    cfg: DataConfig,
+    encoder: SampleEncoder,
+    name: str,
+    rows: datasets.Dataset,
+    work: Path,
+    sharing: DataSharing,
 ) -> TokenizedSource:
-    """One source's rows -> its tokenized Arrow dataset and counts (`path` names it in errors and logs)."""
-    encoder = SampleEncoder(inputs.tokenizer, inputs.cfg, path, inputs.chat_template)
-    num_proc = inputs.cfg.num_proc or default_num_proc(len(rows))
-    progress = Progress(f"tokenizing {path}", len(rows), sharing.log, sharing.interval_s)
+    """One dataset's rows -> its tokenized Arrow dataset and counts (`name` in logs)."""
+    num_proc = cfg.num_proc or default_num_proc(len(rows))
+    progress = Progress(f"tokenizing {name}", len(rows), sharing.log, sharing.interval_s)
     return tokenize_source(encoder, rows, work, num_proc, progress)
-
-
-def _assemble(
-    cfg: DataConfig, train: TokenizedSource, val: TokenizedSource | None, seed: int
-) -> TokenizedData:
-    """The splits (index selections of the tokenized sources, nothing copied) and the report; an empty
-    split is a UserError (training or evaluating on nothing)."""
-    import numpy as np
-
-    kept = column(train.dataset, "dropped") == 0
-    held_out: datasets.Dataset | None = None
-    if cfg.val_fraction > 0:
-        chosen = np.fromiter(holdout_rows(len(train.dataset), cfg.val_fraction, seed), dtype=np.int64)
-        held = np.isin(column(train.dataset, "row"), chosen)
-        train_split = train.dataset.select((kept & ~held).nonzero()[0])
-        held_out = train.dataset.select((kept & held).nonzero()[0])
-    else:
-        train_split = train.dataset.select(kept.nonzero()[0])
-        if val is not None:
-            held_out = val.dataset.select(val.kept_indices())
-    stats = TokenizeStats()
-    for source in (train, val):
-        if source is not None:
-            stats += source.stats
-    report = DataReport(
-        rows=stats.rows,
-        kept=stats.kept,
-        truncated=stats.truncated,
-        template_warnings=stats.template_warnings,
-        dropped_overlong=stats.dropped_overlong,
-        dropped_empty=stats.dropped_empty,
-        train_samples=len(train_split),
-        eval_samples=len(held_out) if held_out is not None else 0,
-        supervised_tokens=int(column(train_split, "supervised").sum(dtype=np.int64)),
-        total_tokens=int(column(train_split, "length").sum(dtype=np.int64)),
-        cache_hit=False,
-    )
-    counts = "; ".join(report.lines()[:2])
-    if not len(train_split):
-        raise UserError(f"{cfg.path}: no training samples left ({counts})")
-    if held_out is not None and not len(held_out):
-        raise UserError(f"{cfg.val_path or cfg.path}: no evaluation samples left ({counts})")
-    return TokenizedData(
-        train=train_split.select_columns(SAMPLE_COLUMNS),
-        eval=held_out.select_columns(SAMPLE_COLUMNS) if held_out is not None else None,
-        report=report,
-    )

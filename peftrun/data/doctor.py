@@ -49,7 +49,13 @@ class DataDoctor:
         self.encoder = SampleEncoder(self.tokenizer, cfg, cfg.path, template)
         columns = list(dict.fromkeys(column_map(cfg.format, cfg.columns).values()))
         self.rows = read_rows(
-            cfg.path, cfg.split, cfg.max_samples, columns=columns, as_json=cfg.format == "chat"
+            cfg.path,
+            cfg.split,
+            cfg.max_samples,
+            columns=columns,
+            as_json=cfg.format == "chat",
+            subset=cfg.subset,
+            data_files=cfg.data_files,
         )
 
     def row(self, index: int) -> dict[str, Any]:
@@ -133,8 +139,25 @@ def _warnings(doctor: DataDoctor, stats: TokenizeStats, notes: Counter[str]) -> 
     return found
 
 
+def each_dataset(recipe: Recipe) -> list[Recipe]:
+    """The recipe once per dataset of data.datasets, each in the short form (data.path: itself)."""
+    if not recipe.data.datasets:
+        return [recipe]
+    return [recipe.model_copy(update={"data": recipe.data.for_source(s)}) for s in recipe.data.sources()]
+
+
 def run_doctor(recipe: Recipe, tokenizer: Any, show: int, png: Path, color: bool) -> list[str]:
-    """The doctor's report as lines; writes the length histogram to `png`."""
+    """The doctor's report as lines, a section per dataset; writes the length histogram to `png`
+    (`png` with -0, -1, ... before its suffix, one per dataset, for data.datasets)."""
+    recipes = each_dataset(recipe)
+    lines: list[str] = []
+    for index, one in enumerate(recipes):
+        target = png if len(recipes) == 1 else png.with_stem(f"{png.stem}-{index}")
+        lines += _doctor_lines(one, tokenizer, show, target, color)
+    return lines
+
+
+def _doctor_lines(recipe: Recipe, tokenizer: Any, show: int, png: Path, color: bool) -> list[str]:
     doctor = DataDoctor(recipe, tokenizer)
     lines = [f"data: {recipe.data.path}: {len(doctor.rows):,} rows, masks from {doctor.method()}"]
     stats, lengths, notes = TokenizeStats(), [], Counter[str]()
@@ -169,8 +192,12 @@ def run_doctor(recipe: Recipe, tokenizer: Any, show: int, png: Path, color: bool
 
 
 def validate_lines(recipe: Recipe, render_rows: int = VALIDATE_RENDER_ROWS) -> list[str]:
-    """Lines for `validate`: the first `render_rows` chat rows rendered with the template (a row it
-    cannot render is a UserError naming it), and row 1 rendered, masked and tokenized."""
+    """Lines for `validate`, per dataset: the first `render_rows` chat rows rendered with the template (a
+    row it cannot render is a UserError naming it), and row 1 rendered, masked and tokenized."""
+    return [line for one in each_dataset(recipe) for line in _validate_lines(one, render_rows)]
+
+
+def _validate_lines(recipe: Recipe, render_rows: int) -> list[str]:
     if recipe.task != "causal_lm" or recipe.data.format not in CAUSAL_FORMATS:
         return []
     from peftrun.model.load import load_tokenizer

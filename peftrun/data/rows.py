@@ -74,7 +74,15 @@ class TaskData:
 def _read(path: str, cfg: DataConfig, key: str, labelled: bool) -> list[Row]:
     columns = column_map(cfg.format, cfg.columns)
     max_rows = cfg.max_samples if key == "data.path" else None
-    table = read_rows(path, cfg.split, max_rows, columns=list(dict.fromkeys(columns.values())), key=key)
+    table = read_rows(
+        path,
+        cfg.split,
+        max_rows,
+        columns=list(dict.fromkeys(columns.values())),
+        key=key,
+        subset=cfg.subset,
+        data_files=cfg.data_files,
+    )
     rows = []
     for number, record in enumerate(table, start=1):
         try:

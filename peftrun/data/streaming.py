@@ -21,7 +21,7 @@ that the others have left, and a resumed run skips the batches it already traine
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -32,15 +32,16 @@ import torch.utils.data
 from peftrun.data.packing import best_fit_decreasing, packed_row
 from peftrun.data.rows import TaskData
 from peftrun.data.shared import DataSharing
-from peftrun.data.sources import ROW_JSON, is_hub_id, iter_local_rows, load_hub_stream
-from peftrun.data.templates import adopt_chat_template
+from peftrun.data.sources import ROW_JSON, RowRules, hub_offline, load_hub, load_saved, local_rows, locate
+from peftrun.data.sources.checks import STREAM_CHECK_ROWS
+from peftrun.data.templates import dataset_templates
 from peftrun.data.tokenize import SampleEncoder
 from peftrun.errors import UserError
 
 if TYPE_CHECKING:
     import datasets
 
-    from peftrun.recipe.schema import DataConfig
+    from peftrun.recipe.schema import DataConfig, Source
 
 __all__ = ["StreamReport", "StreamingSamples", "prepare_stream"]
 
@@ -48,7 +49,7 @@ __all__ = ["StreamReport", "StreamingSamples", "prepare_stream"]
 _ENCODE_ROWS = 256
 # Rows tokenized before training starts, so that a wrong column or format fails before the model loads
 # (sources.check_source parses as many).
-CHECK_ROWS = 1000
+CHECK_ROWS = STREAM_CHECK_ROWS
 
 
 @dataclass
@@ -70,17 +71,24 @@ class StreamReport:
         ]
 
 
-def _rows(path: str, split: str, key: str, as_json: bool) -> Iterator[dict[str, Any]]:
-    """The rows of a local file (checked as they are read) or a Hub dataset, in their own order."""
-    if is_hub_id(path):
-        yield from load_hub_stream(path, split, key)
-        return
-    for record in iter_local_rows(path, key):
-        yield {ROW_JSON: json.dumps(record, ensure_ascii=False)} if as_json else record
+def _rows(source: Source, cfg: DataConfig) -> Iterator[Mapping[str, Any]]:
+    """The rows of one dataset in their own order: local files checked as they are read, Hub datasets
+    streamed (or read from the local cache offline), saved datasets memory-mapped."""
+    key = source.key_of("path")
+    located = locate(source.path, key, source.format)
+    if located.kind == "hub":
+        options = {"subset": source.subset, "data_files": source.data_files}
+        yield from load_hub(source.path, source.split, key, streaming=not hub_offline(), **options)
+    elif located.kind == "saved":
+        yield from load_saved(located.files[0], source.split, key)
+    else:
+        rules = RowRules.of(source.format, source.columns, cfg.tools, source.key_of("columns"))
+        for record, _ in local_rows(located, key, rules):
+            yield {ROW_JSON: json.dumps(record, ensure_ascii=False)} if source.format == "chat" else record
 
 
 def encoded_samples(
-    encoder: SampleEncoder, rows: Iterator[dict[str, Any]], limit: int | None = None
+    encoder: SampleEncoder, rows: Iterator[Mapping[str, Any]], limit: int | None = None
 ) -> Iterator[dict[str, list[int]]]:
     """Samples (input_ids, labels) of the rows, tokenized `_ENCODE_ROWS` at a time, rows numbered in order."""
     first_row = 1
@@ -93,9 +101,9 @@ def encoded_samples(
 
 
 def _sample_stream(
-    make_encoder: Callable[[], SampleEncoder], path: str, split: str, as_json: bool, max_rows: int | None
+    make_encoder: Callable[[], SampleEncoder], source: Source, cfg: DataConfig
 ) -> Iterator[dict[str, list[int]]]:
-    yield from encoded_samples(make_encoder(), _rows(path, split, "data.path", as_json), max_rows)
+    yield from encoded_samples(make_encoder(), _rows(source, cfg), cfg.max_samples)
 
 
 class StreamingSamples(torch.utils.data.IterableDataset[dict[str, list[int]]]):
@@ -122,33 +130,45 @@ class StreamingSamples(torch.utils.data.IterableDataset[dict[str, list[int]]]):
                 yield packed_row([window[i] for i in sorted(members)])
 
 
-def stream_samples(cfg: DataConfig, tokenizer: Any, chat_template: str | None, seed: int) -> StreamingSamples:
-    """The training stream of `cfg` (data.streaming); its first rows are tokenized now, as a check."""
+def _source_stream(cfg: DataConfig, source: Source, tokenizer: Any, template: str | None) -> Any:
+    """One dataset's samples as a `datasets` stream; its first rows are tokenized now, as a check."""
     import datasets
 
-    as_json = cfg.format == "chat"
-
     def make_encoder() -> SampleEncoder:
-        return SampleEncoder(tokenizer, cfg, cfg.path, chat_template)
+        return SampleEncoder(tokenizer, cfg.for_source(source), source.path, template)
 
     # Fails now, naming the row, when the columns or the format do not fit the data.
     check_rows = min(CHECK_ROWS, cfg.max_samples or CHECK_ROWS)
-    first_rows = _rows(cfg.path, cfg.split, "data.path", as_json)
-    if not any(True for _ in encoded_samples(make_encoder(), first_rows, check_rows)):
+    if not any(True for _ in encoded_samples(make_encoder(), _rows(source, cfg), check_rows)):
         raise UserError(
-            f"{cfg.path}: no training samples in the first {check_rows:,} rows (all over-long or with "
+            f"{source.path}: no training samples in the first {check_rows:,} rows (all over-long or with "
             "nothing to learn); check data.max_seq_len and the columns"
         )
-    samples = datasets.IterableDataset.from_generator(
-        _sample_stream,
-        gen_kwargs={
-            "make_encoder": make_encoder,
-            "path": cfg.path,
-            "split": cfg.split,
-            "as_json": as_json,
-            "max_rows": cfg.max_samples,
-        },
+    return datasets.IterableDataset.from_generator(
+        _sample_stream, gen_kwargs={"make_encoder": make_encoder, "source": source, "cfg": cfg}
     )
+
+
+def stream_samples(
+    cfg: DataConfig, tokenizer: Any, templates: list[str | None], seed: int
+) -> StreamingSamples:
+    """The training stream of `cfg` (data.streaming): its datasets interleaved by weight (in turn when
+    none has one), shuffled through the buffer, packed when asked."""
+    import datasets
+
+    sources = cfg.sources()
+    streams = [
+        _source_stream(cfg, source, tokenizer, template)
+        for source, template in zip(sources, templates, strict=True)
+    ]
+    samples = streams[0]
+    if len(streams) > 1:
+        weights = [source.weight for source in sources if source.weight is not None]
+        probabilities = [w / sum(weights) for w in weights] if len(weights) == len(sources) else None
+        # all_exhausted: a pass ends when every dataset has given all its samples, the small ones again.
+        samples = datasets.interleave_datasets(
+            streams, probabilities=probabilities, seed=seed, stopping_strategy="all_exhausted"
+        )
     shuffled = samples.shuffle(seed=seed, buffer_size=cfg.shuffle_buffer)
     return StreamingSamples(
         shuffled, cfg.max_seq_len if cfg.packing else None, pack_window=max(cfg.shuffle_buffer // 8, 64)
@@ -162,14 +182,38 @@ def prepare_stream(
     main process while the others wait for it (`sharing`)."""
     from peftrun.data import prepare_data
 
-    chat_template = adopt_chat_template(tokenizer, cfg.format, cfg.chat_template)
-    train = stream_samples(cfg, tokenizer, chat_template, seed)
-    eval_set = None
-    if cfg.val_path is not None:
-        eval_cfg = cfg.model_copy(
-            update={"path": cfg.val_path, "val_path": None, "streaming": False, "max_samples": None}
-        )
-        eval_set = prepare_data(eval_cfg, tokenizer, seed, cache_dir, sharing).train
-    source = cfg.path if is_hub_id(cfg.path) else str(Path(cfg.path).expanduser())
-    report = StreamReport([source], cfg.shuffle_buffer, cfg.packing, len(eval_set) if eval_set else 0)
+    sources = cfg.sources()
+    templates = dataset_templates(tokenizer, cfg)
+    train = stream_samples(cfg, tokenizer, templates, seed)
+    eval_cfg = _eval_config(cfg)
+    eval_set = prepare_data(eval_cfg, tokenizer, seed, cache_dir, sharing).train if eval_cfg else None
+    names = [source.path for source in sources]
+    report = StreamReport(names, cfg.shuffle_buffer, cfg.packing, len(eval_set) if eval_set else 0)
     return TaskData(train, eval_set, report)
+
+
+def _eval_config(cfg: DataConfig) -> DataConfig | None:
+    """The datasets' own eval rows (val_path, val_split) as a prepared (not streamed) set, or None."""
+    from peftrun.recipe.schema import DatasetSource
+
+    entries = [
+        DatasetSource(
+            path=source.val_path or source.path,
+            split=source.val_split or source.split,
+            subset=None if source.val_path else source.subset,
+            data_files=None if source.val_path or source.data_files is None else list(source.data_files),
+            format=source.format,
+            columns=source.columns,
+            chat_template=source.chat_template,
+        )
+        for source in cfg.sources()
+        if source.val_path is not None or source.val_split is not None
+    ]
+    if not entries:
+        return None
+    return cfg.model_copy(
+        update={
+            **{"path": "", "datasets": entries, "val_path": None, "subset": None, "data_files": None},
+            **{"streaming": False, "max_samples": None, "val_fraction": 0.0},
+        }
+    )

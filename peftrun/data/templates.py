@@ -7,14 +7,18 @@ built-in template here renders each message independently of what follows it, wh
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from peftrun.errors import UserError, did_you_mean
+
+if TYPE_CHECKING:
+    from peftrun.recipe.schema import DataConfig
 
 __all__ = [
     "CHAT_TEMPLATES",
     "PROMPT_RENDERERS",
     "adopt_chat_template",
+    "dataset_templates",
     "recipe_chat_template",
     "render_alpaca_prompt",
     "render_plain_prompt",
@@ -125,3 +129,15 @@ def adopt_chat_template(tokenizer: Any, fmt: str, name: str | None) -> str | Non
     if name is not None:
         tokenizer.chat_template = template
     return template
+
+
+def dataset_templates(tokenizer: Any, cfg: DataConfig) -> list[str | None]:
+    """Each dataset's resolved chat template (None where it is not chat), in `cfg.sources()` order; the
+    tokenizer adopts data.chat_template when the recipe sets one and a dataset is chat."""
+    sources = cfg.sources()
+    any_chat = any(source.format == "chat" for source in sources)
+    adopt_chat_template(tokenizer, "chat" if any_chat else cfg.format, cfg.chat_template)
+    return [
+        resolve_chat_template(tokenizer, source.chat_template) if source.format == "chat" else None
+        for source in sources
+    ]

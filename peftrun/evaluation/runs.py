@@ -54,6 +54,9 @@ class LoadedRun:
         return self.recipe.data.model_copy(
             update={
                 "path": path,
+                "datasets": None,
+                "subset": None,
+                "data_files": None,
                 "val_path": None,
                 "val_fraction": 0.0,
                 "max_samples": None,

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from peftrun.data.sources import is_hub_id
 from peftrun.errors import UserError
 from peftrun.run.outputs import MANIFEST_FILE, METRICS_FILE, RESOLVED_RECIPE, read_metrics
 
@@ -45,7 +46,8 @@ def render_card(target: Path, format_name: str, base: str, repo: str | None = No
     facts = card_facts(target)
     recipe, manifest = facts["recipe"] or {}, facts["manifest"]
     method = (recipe.get("method") or {}).get("kind", "unknown")
-    data_path = (recipe.get("data") or {}).get("path")
+    data = recipe.get("data") or {}
+    data_paths = [data.get("path"), *(entry.get("path") for entry in data.get("datasets") or [])]
     metadata: dict[str, Any] = {
         "base_model": base,
         "library_name": LIBRARIES[format_name],
@@ -56,8 +58,9 @@ def render_card(target: Path, format_name: str, base: str, repo: str | None = No
         metadata["tags"].append("base_model:adapter:" + base)
     if format_name == "gguf":
         metadata["tags"].append("gguf")
-    if data_path and not Path(str(data_path)).exists():  # a Hub dataset id, not a local file
-        metadata["datasets"] = [data_path]
+    hub_ids = [path for path in data_paths if path and is_hub_id(str(path))]  # local files are not named
+    if hub_ids:
+        metadata["datasets"] = hub_ids
     front = yaml.safe_dump(metadata, sort_keys=False).rstrip()
     front = front.replace("license: other", f"license: {LICENSE_PLACEHOLDER}")
     lines = [f"---\n{front}\n---", f"# {repo or target.name}", ""]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args, get_origin
 
 from pydantic import BaseModel
 
@@ -36,7 +36,15 @@ def key_docs(model: type[BaseModel] = Recipe, prefix: str = "") -> list[KeyDoc]:
             continue
         default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
         docs.append(KeyDoc(f"{prefix}{name}", default, field.description or ""))
+        # A list of sections (data.datasets): its entries' keys follow it, as name[].key.
+        listed = [get_args(a)[0] for a in args if get_origin(a) is list and _is_section(get_args(a)[0])]
+        if listed:
+            docs += key_docs(listed[0], f"{prefix}{name}[].")
     return docs
+
+
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def keys_text(prefix: str | None = None) -> str:

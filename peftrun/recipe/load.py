@@ -67,26 +67,37 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> set[tuple[str
     return from_cli
 
 
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The schema sections an annotation holds: `Model`, `Model | None`, `list[Model] | None`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for arg in getattr(annotation, "__args__", ()) for model in _models_in(arg)]
+
+
 def _section_fields(loc: tuple[str | int, ...]) -> list[str]:
-    """Field names of the schema section at `loc` (for did-you-mean)."""
+    """Field names of the schema section at `loc` (for did-you-mean); list indices are stepped over."""
     model: type[BaseModel] | None = Recipe
     for part in loc:
-        field = model.model_fields.get(str(part)) if model else None
-        annotation = field.annotation if field else None
-        model = None
-        for candidate in getattr(annotation, "__args__", (annotation,)):
-            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-                model = candidate
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if model else None
+        models = _models_in(field.annotation) if field else []
+        model = models[0] if models else None
     return list(model.model_fields) if model else []
 
 
+def dotted(loc: tuple[str | int, ...]) -> str:
+    """('data', 'datasets', 1, 'weight') -> 'data.datasets[1].weight'."""
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).removeprefix(".")
+
+
 def _format_error(error: dict[str, Any], origin: str, from_cli: set[tuple[str, ...]]) -> str:
-    loc = tuple(str(p) for p in error["loc"])
+    loc: tuple[str | int, ...] = tuple(error["loc"])
     cause = (error.get("ctx") or {}).get("error")
     if isinstance(cause, OptionError):
         loc, message = (*loc, *cause.key.split(".")), cause.message
     elif error["type"] == "extra_forbidden":
-        message = "unknown key" + did_you_mean(loc[-1], _section_fields(loc[:-1]))
+        message = "unknown key" + did_you_mean(str(loc[-1]), _section_fields(loc[:-1]))
     elif error["type"] == "missing":
         message = "required key is missing"
     else:
@@ -98,13 +109,14 @@ def _format_error(error: dict[str, Any], origin: str, from_cli: set[tuple[str, .
         ):
             message += f" (got {error['input']!r})"
     # 'trian.lr=1' fails at 'trian', 'train.lrr=1' at 'train.lrr': one path is a prefix of the other.
-    shared = [min(len(loc), len(p)) for p in from_cli]
+    parts = tuple(str(p) for p in loc)
+    shared = [min(len(parts), len(p)) for p in from_cli]
     where = (
         "command line"
-        if any(n and loc[:n] == p[:n] for n, p in zip(shared, from_cli, strict=True))
+        if any(n and parts[:n] == p[:n] for n, p in zip(shared, from_cli, strict=True))
         else origin
     )
-    return f"{where}: {'.'.join(loc) or '(top level)'}: {message}"
+    return f"{where}: {dotted(loc) or '(top level)'}: {message}"
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

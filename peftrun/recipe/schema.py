@@ -8,6 +8,7 @@ with the file, the dotted key and a did-you-mean suggestion.
 
 from __future__ import annotations
 
+import glob
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -133,11 +134,98 @@ class MethodConfig(Section):
         return dict(self.model_extra or {})
 
 
+DataFormat = Literal["alpaca", "chat", "text", "classification", "images"]
+
+
+class DatasetSource(Section):
+    """One dataset of `data.datasets`. Unset keys take the top-level data.* value (format, columns, split,
+    chat_template)."""
+
+    path: str = Field(
+        description="Local .json/.jsonl/.csv/.parquet/.txt file, a folder of such shards or a glob "
+        "('data/*.jsonl', all of one type), a folder written by datasets' save_to_disk, or a Hub dataset id."
+    )
+    format: DataFormat | None = Field(None, description="Its data.format; default: data.format.")
+    columns: dict[str, str] | None = Field(None, description="Its data.columns; default: data.columns.")
+    split: str | None = Field(
+        None, description="Split of a Hub dataset or a saved DatasetDict; default: data.split."
+    )
+    subset: str | None = Field(None, description="Hub dataset: the configuration (subset) name.")
+    data_files: list[str] | None = Field(
+        None, description="Hub dataset: only these files of the repository (globs allowed)."
+    )
+    weight: float | None = Field(
+        None,
+        gt=0,
+        description="Share of the weighted part of the mixture (the datasets with a weight share as many "
+        "samples as they hold together). Each slot's dataset is drawn with train.seed by normalized weight; "
+        "rows are taken without replacement, and again once a dataset is used up (oversampling).",
+    )
+    samples: int | None = Field(
+        None,
+        gt=0,
+        description="Take exactly this many samples: a seeded choice without replacement when it holds "
+        "that many, else whole copies plus a seeded remainder. Neither weight nor samples: every sample once.",
+    )
+    chat_template: str | None = Field(
+        None, description="Its data.chat_template; default: data.chat_template."
+    )
+    val_path: str | None = Field(
+        None, description="A separate evaluation file for this dataset (same format and columns)."
+    )
+    val_split: str | None = Field(
+        None, description="Hub dataset or saved DatasetDict: the split to evaluate on (e.g. validation)."
+    )
+
+    @model_validator(mode="after")
+    def _one_of_each(self) -> DatasetSource:
+        if self.weight is not None and self.samples is not None:
+            raise OptionError("weight", "give weight or samples, not both")
+        if self.val_path is not None and self.val_split is not None:
+            raise OptionError("val_split", "give val_path or val_split, not both")
+        return self
+
+
+@dataclass(frozen=True)
+class Source:
+    """One dataset of the recipe with the top-level defaults filled in (`DataConfig.sources()`)."""
+
+    key: str  # where it is in the recipe, for messages: 'data' or 'data.datasets[1]'
+    path: str
+    format: str
+    columns: dict[str, str]
+    split: str
+    subset: str | None = None
+    data_files: tuple[str, ...] | None = None
+    weight: float | None = None
+    samples: int | None = None
+    chat_template: str | None = None
+    val_path: str | None = None
+    val_split: str | None = None
+
+    def key_of(self, name: str) -> str:
+        """The dotted recipe key of one of its settings: 'data.path', 'data.datasets[1].val_path'."""
+        return f"{self.key}.{name}"
+
+
 class DataConfig(Section):
     """Where the training data comes from and how it becomes tokens."""
 
-    path: str = Field(description="Local .json/.jsonl/.csv/.parquet/.txt file, or a Hub dataset id.")
-    format: Literal["alpaca", "chat", "text", "classification", "images"] = Field(
+    path: str = Field(
+        "",
+        description="Local .json/.jsonl/.csv/.parquet/.txt file, a folder of such shards or a glob, a folder "
+        "written by datasets' save_to_disk, or a Hub dataset id. Give either path or datasets.",
+    )
+    datasets: list[DatasetSource] | None = Field(
+        None,
+        description="Several datasets mixed into one training set (instead of path); each entry takes the "
+        "keys below data.datasets[].",
+    )
+    subset: str | None = Field(None, description="Hub dataset: the configuration (subset) name.")
+    data_files: list[str] | None = Field(
+        None, description="Hub dataset: only these files of the repository (globs allowed)."
+    )
+    format: DataFormat = Field(
         "alpaca",
         description="alpaca: instruction/input/output rows; chat: a list of {role, content} messages; "
         "text: raw text for continued pre-training; classification: text and label; images: image path "
@@ -145,7 +233,9 @@ class DataConfig(Section):
         "(causal_lm alpaca, masked_lm text, sequence_classification classification, image_classification "
         "images).",
     )
-    split: str = Field("train", description="Split to read when `path` is a Hub dataset.")
+    split: str = Field(
+        "train", description="Split to read when `path` is a Hub dataset or a saved DatasetDict."
+    )
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="Map peftrun's column names to the file's, e.g. {instruction: question, output: answer}. "
@@ -209,7 +299,7 @@ class DataConfig(Section):
     )
     val_path: str | None = Field(None, description="A separate evaluation file (same format and columns).")
     max_samples: int | None = Field(
-        None, gt=0, description="Use only the first N samples (quick experiments)."
+        None, gt=0, description="Use only the first N rows of each dataset (quick experiments)."
     )
     num_proc: int | None = Field(
         None,
@@ -229,18 +319,101 @@ class DataConfig(Section):
     )
 
     @model_validator(mode="after")
-    def _one_validation_source(self) -> DataConfig:
-        if self.val_path is not None and self.val_fraction > 0:
-            raise ValueError("set either val_fraction or val_path, not both")
+    def _one_source_form(self) -> DataConfig:
+        if bool(self.path) == bool(self.datasets):
+            raise ValueError(
+                "give data.path (one dataset) or data.datasets (a list of them), "
+                + ("not both" if self.path else "one of them is required")
+            )
+        if self.datasets:
+            for name in ("val_path", "subset", "data_files"):
+                if getattr(self, name) is not None:
+                    raise OptionError(name, f"set it per dataset (data.datasets[].{name}) with data.datasets")
+        for source in self.sources():
+            if self.val_fraction > 0 and (source.val_path or source.val_split) is not None:
+                if source.key == "data":
+                    raise ValueError("set either val_fraction or val_path, not both")
+                raise OptionError(
+                    source.key.removeprefix("data.") + ".val_path",
+                    "set either data.val_fraction or a dataset's val_path/val_split, not both",
+                )
         if self.streaming and self.val_fraction > 0:
             raise ValueError(
                 "data.val_fraction needs the whole set up front; with data.streaming give data.val_path"
             )
+        if self.streaming and self.datasets:
+            for index, entry in enumerate(self.datasets):
+                if entry.samples is not None:
+                    raise OptionError(
+                        f"datasets[{index}].samples",
+                        "a sample count needs the whole dataset up front; with data.streaming use weight",
+                    )
+            if 0 < sum(entry.weight is not None for entry in self.datasets) < len(self.datasets):
+                raise ValueError(
+                    "data.streaming interleaves datasets by weight: give every dataset a weight, or none "
+                    "(then they take turns)"
+                )
         if self.streaming and self.group_by_length:
             raise ValueError(
                 "data.group_by_length needs every length up front; leave it off with data.streaming"
             )
         return self
+
+    def sources(self) -> list[Source]:
+        """Every dataset of the recipe, one uniform list for both forms (data.path is a list of one)."""
+        if not self.datasets:
+            short = DatasetSource(
+                path=self.path, subset=self.subset, data_files=self.data_files, val_path=self.val_path
+            )
+            return [self._source("data", short)]
+        return [self._source(f"data.datasets[{index}]", entry) for index, entry in enumerate(self.datasets)]
+
+    def _source(self, key: str, entry: DatasetSource) -> Source:
+        """`entry` with the top-level defaults filled in."""
+        return Source(
+            key=key,
+            path=entry.path,
+            format=entry.format or self.format,
+            columns=dict(self.columns if entry.columns is None else entry.columns),
+            split=entry.split or self.split,
+            subset=entry.subset,
+            data_files=tuple(entry.data_files) if entry.data_files is not None else None,
+            weight=entry.weight,
+            samples=entry.samples,
+            chat_template=entry.chat_template or self.chat_template,
+            val_path=entry.val_path,
+            val_split=entry.val_split,
+        )
+
+    def read_paths(self) -> list[str]:
+        """Every data path of the recipe, a glob as the files it matches: what output_dir must stay clear
+        of (Hub ids are among them; they name nothing on disk)."""
+        paths = [path for source in self.sources() for path in (source.path, source.val_path) if path]
+        return [
+            match
+            for path in paths
+            for match in (
+                sorted(glob.glob(str(Path(path).expanduser()))) if set(path) & set("*?[") else [path]
+            )
+        ]
+
+    def for_source(self, source: Source) -> DataConfig:
+        """These settings for one of `sources()` alone, in the short form: what code that reads one
+        dataset (the sample encoder, `peftrun data`) is given."""
+        data_files = list(source.data_files) if source.data_files is not None else None
+        return self.model_copy(
+            update={
+                "path": source.path,
+                "datasets": None,
+                "format": source.format,
+                "columns": source.columns,
+                "split": source.split,
+                "subset": source.subset,
+                "data_files": data_files,
+                "chat_template": source.chat_template,
+                "val_path": source.val_path,
+            }
+        )
 
 
 class TrainConfig(Section):
@@ -437,10 +610,13 @@ class Recipe(Section):
         formats = TASK_TRAITS[self.task].formats
         if "format" not in self.data.model_fields_set:
             self.data.format = formats[0]  # type: ignore[assignment]  # validated on assignment
-        elif self.data.format not in formats:
-            raise ValueError(
-                f"data.format '{self.data.format}' does not fit task {self.task} (use {' or '.join(formats)})"
-            )
+        for key, fmt in [("data.format", self.data.format)] + [
+            (f"data.datasets[{i}].format", entry.format) for i, entry in enumerate(self.data.datasets or [])
+        ]:
+            if fmt is not None and fmt not in formats:
+                raise ValueError(f"{key} '{fmt}' does not fit task {self.task} (use {' or '.join(formats)})")
+        if self.data.datasets and self.task != "causal_lm":
+            raise ValueError(f"data.datasets is for causal_lm; {self.task} reads one dataset: give data.path")
         if self.data.labels is not None and self.task not in CLASSIFIER_TASKS:
             raise ValueError(f"data.labels is for classification tasks, not {self.task}")
         if self.data.labels is not None and len(set(self.data.labels)) != len(self.data.labels):

@@ -101,3 +101,17 @@ def test_validate_renders_the_rows_with_the_template(
         UserError, match=r"train.jsonl: row 2: the chat template cannot render this conversation: System role"
     ):
         validate_lines(load_recipe(bad))
+
+
+def test_data_shows_each_dataset_of_data_datasets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recipe = _recipe(tmp_path, "qwen3", [CONVERSATIONS["three_turns"]] * 2, max_seq_len=1000)
+    data = json.loads(recipe.read_text())
+    (tmp_path / "more.jsonl").write_text(json.dumps(CONVERSATIONS["tool_call"]) + "\n")
+    data["data"]["datasets"] = [{"path": data["data"].pop("path")}, {"path": str(tmp_path / "more.jsonl")}]
+    recipe.write_text(json.dumps(data))
+    assert main(["data", str(recipe), "--rows", "0", "--color", "never"]) == 0
+    out = capsys.readouterr().out
+    assert f"data: {tmp_path / 'train.jsonl'}: 2 rows" in out
+    assert f"data: {tmp_path / 'more.jsonl'}: 1 rows" in out
+    assert (tmp_path / "run" / "data_lengths-0.png").is_file()
+    assert (tmp_path / "run" / "data_lengths-1.png").is_file()

@@ -261,7 +261,7 @@ def test_hub_dataset_is_cached_by_its_fingerprint(
     from peftrun.data import sources
 
     hub = {"rows": alpaca_rows(4)}
-    monkeypatch.setattr(sources, "_hub_offline", lambda: True)
+    monkeypatch.setattr(sources.hub, "hub_offline", lambda: True)
     monkeypatch.setattr(
         datasets, "load_dataset", lambda path, **kwargs: datasets.Dataset.from_list(hub["rows"])
     )

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from peftrun.data import sources
-from peftrun.data.sources import check_source, is_hub_id, read_rows
+from peftrun.data.sources import Located, check_source, is_hub_id, locate, read_rows
 from peftrun.errors import UserError
 from peftrun.recipe.schema import DataConfig
 
@@ -135,9 +135,9 @@ BAD_INPUTS = [
     ),
     pytest.param(
         "x.json",
-        '[{"a": 1}, ',
+        f"[{json.dumps(GOOD)}, ",  # a JSON array is streamed: row 1 is read (and checked) first
         {},
-        "x.json: invalid JSON (Expecting value at line 1 column 12)",
+        "x.json: invalid JSON (Expecting value at line 1 column 63)",
         id="json-broken",
     ),
     pytest.param(
@@ -225,7 +225,7 @@ def test_check_source_bad_inputs(
 
 
 def test_directory_is_not_a_data_file(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match=r"is a directory; point it at a data file"):
+    with pytest.raises(UserError, match=r"is a directory with no data files .* point it at a data file"):
         check_source(DataConfig(path=str(tmp_path)))
 
 
@@ -313,7 +313,7 @@ def test_unreachable_hub_fails_fast_naming_data_path(monkeypatch: pytest.MonkeyP
     def unreachable(*args: Any, **kwargs: Any) -> None:
         raise OSError("Name or service not known")
 
-    monkeypatch.setattr(sources, "_hub_offline", lambda: False)
+    monkeypatch.setattr(sources.hub, "hub_offline", lambda: False)
     monkeypatch.setattr(HfApi, "dataset_info", unreachable)
     start = time.perf_counter()
     with pytest.raises(UserError) as caught:
@@ -329,7 +329,7 @@ def test_unreachable_hub_fails_fast_naming_data_path(monkeypatch: pytest.MonkeyP
 def test_offline_hub_without_a_cached_copy(monkeypatch: pytest.MonkeyPatch) -> None:
     import datasets
 
-    monkeypatch.setattr(sources, "_hub_offline", lambda: True)
+    monkeypatch.setattr(sources.hub, "hub_offline", lambda: True)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     start = time.perf_counter()
     with pytest.raises(
@@ -353,7 +353,7 @@ def test_hub_dataset_rows_are_read_and_checked(monkeypatch: pytest.MonkeyPatch) 
         calls.append({"path": path, **kwargs})
         return datasets.Dataset.from_list(rows)
 
-    monkeypatch.setattr(sources, "_hub_offline", lambda: True)
+    monkeypatch.setattr(sources.hub, "hub_offline", lambda: True)
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     read = read_rows("org/alpaca-like", "test", max_samples=2, columns=["instruction", "output"])
     assert read.to_list() == [{"instruction": r["instruction"], "output": r["output"]} for r in rows[:2]]
@@ -364,6 +364,32 @@ def test_hub_dataset_rows_are_read_and_checked(monkeypatch: pytest.MonkeyPatch) 
     assert str(caught.value) == "org/alpaca-like: row 3: 'output' must be a string, got null"
 
 
+def test_a_json_array_streams_across_chunk_boundaries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from peftrun.data.sources import readers
+
+    monkeypatch.setattr(readers, "_JSON_CHUNK", 7)  # every object, string and delimiter is cut somewhere
+    rows = [{**GOOD, "output": f"answer {i} \u00e9 [x], {{y}}"} for i in range(20)]
+    (tmp_path / "a.json").write_text(" \n[\n" + ",\n  ".join(json.dumps(r) for r in rows) + "\n]\n")
+    assert read_rows(str(tmp_path / "a.json")).to_list() == rows
+    (tmp_path / "empty.json").write_text("[ ]")
+    with pytest.raises(UserError, match=r"empty.json: no rows"):
+        check_source(DataConfig(path=str(tmp_path / "empty.json")))
+    for broken in [
+        "[" + json.dumps(GOOD) + " " + json.dumps(GOOD) + "]",  # no comma
+        "[" + json.dumps(GOOD) + "] []",  # more after the array
+        "[" + json.dumps(GOOD) + ",]",  # trailing comma
+    ]:
+        (tmp_path / "b.json").write_text(broken)
+        with pytest.raises(json.JSONDecodeError) as parsed:
+            json.loads(broken)
+        with pytest.raises(UserError) as caught:
+            check_source(DataConfig(path=str(tmp_path / "b.json")))
+        where = f"{parsed.value.msg} at line {parsed.value.lineno} column {parsed.value.colno}"
+        assert str(caught.value) == f"{tmp_path / 'b.json'}: invalid JSON ({where})"
+
+
 def test_a_utf8_byte_order_mark_is_accepted(tmp_path: Path) -> None:
     """Windows editors start UTF-8 files with a BOM; each text format reads past it."""
     for name, text in (("a.jsonl", _jsonl(GOOD)), ("a.json", json.dumps([GOOD])), ("a.txt", "hello\n")):
@@ -372,3 +398,154 @@ def test_a_utf8_byte_order_mark_is_accepted(tmp_path: Path) -> None:
         check_source(DataConfig(path=str(tmp_path / name), format=fmt))
         first = read_rows(str(tmp_path / name))[0]
         assert first == ({"text": "hello"} if fmt == "text" else GOOD)
+
+
+# ------------------------------------------------------------------------------- kinds of data paths
+
+
+def _shards(folder: Path, count: int = 3, rows: int = 2) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for shard in range(count):
+        path = folder / f"part-{shard:02d}.jsonl"
+        path.write_text(_jsonl(*({**GOOD, "output": f"{shard}-{row}"} for row in range(rows))))
+        paths.append(path.resolve())
+    return paths
+
+
+def test_locate_every_kind_of_path(tmp_path: Path) -> None:
+    import datasets
+
+    shards = _shards(tmp_path / "shards")
+    (tmp_path / "shards" / "README.md").write_text("not data")
+    (tmp_path / "nested" / "b").mkdir(parents=True)
+    (tmp_path / "nested" / "b" / "z.jsonl").write_text(_jsonl(GOOD))
+    (tmp_path / "nested" / "a.jsonl").write_text(_jsonl(GOOD))
+    datasets.Dataset.from_list([GOOD]).save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([GOOD])}).save_to_disk(str(tmp_path / "dict"))
+    (tmp_path / "images" / "cat").mkdir(parents=True)
+    key = "data.path"
+    assert locate(str(shards[0]), key) == Located("files", str(shards[0]), (shards[0],))
+    assert locate(str(tmp_path / "shards"), key, "alpaca").files == tuple(shards)
+    assert locate(str(tmp_path / "shards" / "*.jsonl"), key).files == tuple(shards)
+    assert [p.name for p in locate(str(tmp_path / "nested"), key, "alpaca").files] == ["a.jsonl", "z.jsonl"]
+    assert locate(str(tmp_path / "saved"), key).kind == "saved"
+    assert locate(str(tmp_path / "dict"), key).kind == "saved"
+    assert locate(str(tmp_path / "images"), key, "images").kind == "images"
+    assert locate("org/some-dataset", key) == Located("hub", "org/some-dataset")
+    with pytest.raises(UserError, match=r"^data.path: empty path$"):
+        locate(" ", key)
+
+
+@pytest.mark.parametrize(
+    ("make", "path", "expected"),
+    [
+        (lambda d: None, "shards/*.jsonl", "data.datasets[1].path: no file matches {dir}/shards/*.jsonl"),
+        (
+            lambda d: [
+                (d / "mix").mkdir(),
+                (d / "mix" / "a.jsonl").write_text("{}"),
+                (d / "mix" / "b.csv").write_text(""),
+            ],
+            "mix",
+            "data.datasets[1].path: mix mixes file types (.csv, .jsonl); shards must be of one type",
+        ),
+        (
+            lambda d: [(d / "g").mkdir(), (d / "g" / "a.tsv").write_text("")],
+            "g/*",
+            "data.datasets[1].path: unsupported file type '.tsv' ({dir}/g/a.tsv); use one of .json, .jsonl, .csv, "
+            ".parquet, .txt",
+        ),
+    ],
+    ids=["glob-matches-nothing", "mixed-types", "glob-unsupported"],
+)
+def test_bad_shard_paths_are_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make: Any, path: str, expected: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    make(tmp_path)
+    (tmp_path / "a.jsonl").write_text(_jsonl(GOOD))
+    with pytest.raises(UserError) as caught:
+        check_source(DataConfig(datasets=[{"path": "a.jsonl"}, {"path": path}]))
+    assert str(caught.value) == expected.replace("{dir}", str(tmp_path.resolve()))
+
+
+def test_a_bad_row_in_a_shard_names_the_shard_and_its_row(tmp_path: Path) -> None:
+    shards = _shards(tmp_path / "shards")
+    shards[1].write_text(_jsonl(GOOD, {"instruction": "q", "answer": "a"}))
+    with pytest.raises(UserError) as caught:
+        check_source(DataConfig(path=str(tmp_path / "shards")))
+    assert str(caught.value).startswith(f"{shards[1]}: row 2: missing 'output'")
+    # max_samples counts rows over the shards in order: the first shard and a half do not reach the bad row
+    check_source(DataConfig(path=str(tmp_path / "shards" / "*.jsonl"), max_samples=3))
+
+
+def test_each_dataset_is_checked_with_its_own_format_and_columns(tmp_path: Path) -> None:
+    (tmp_path / "a.jsonl").write_text(_jsonl(GOOD))
+    (tmp_path / "q.jsonl").write_text(_jsonl({"question": "q", "answer": "a"}))
+    (tmp_path / "c.jsonl").write_text(_jsonl(CHAT_OK))
+    entries: list[dict[str, Any]] = [
+        {"path": str(tmp_path / "a.jsonl")},
+        {"path": str(tmp_path / "q.jsonl"), "columns": {"instruction": "question", "output": "answer"}},
+        {"path": str(tmp_path / "c.jsonl"), "format": "chat"},
+    ]
+    check_source(DataConfig(datasets=entries))
+    entries[1]["columns"] = {"instrucion": "question"}
+    with pytest.raises(UserError) as caught:
+        check_source(DataConfig(datasets=entries))
+    assert str(caught.value).startswith(
+        "data.datasets[1].columns: 'instrucion' is not a column of format alpaca; did you mean 'instruction'?"
+    )
+
+
+def test_a_saved_dataset_dict_needs_an_existing_split(tmp_path: Path) -> None:
+    import datasets
+
+    splits = {"train": datasets.Dataset.from_list([GOOD]), "validation": datasets.Dataset.from_list([GOOD])}
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "dict"))
+    check_source(DataConfig(datasets=[{"path": str(tmp_path / "dict"), "val_split": "validation"}]))
+    with pytest.raises(UserError) as caught:
+        check_source(DataConfig(datasets=[{"path": str(tmp_path / "dict"), "split": "validaton"}]))
+    assert str(caught.value) == (
+        f"data.datasets[0].path: {tmp_path / 'dict'} has no split 'validaton'; did you mean 'validation'? "
+        "(splits: train, validation)"
+    )
+
+
+def test_hub_load_args_name_the_subset_split_and_files() -> None:
+    assert sources.hub_load_args("org/d", "test", "en", ("en/*.parquet",)) == {
+        "path": "org/d",
+        "name": "en",
+        "split": "test",
+        "data_files": ["en/*.parquet"],
+        "streaming": False,
+        "cache_dir": None,
+    }
+    assert sources.hub_load_args("org/d", "train")["name"] is None
+
+
+def test_a_hub_dataset_entry_reaches_load_dataset_with_its_subset_split_and_files(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import datasets
+
+    calls: list[dict[str, Any]] = []
+
+    def load_dataset(**kwargs: Any) -> datasets.Dataset:
+        calls.append(kwargs)
+        return datasets.Dataset.from_list([GOOD])
+
+    monkeypatch.setattr(sources.hub, "hub_offline", lambda: True)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    entry = {
+        "path": "org/d",
+        "subset": "en",
+        "split": "test",
+        "data_files": ["en/*.parquet"],
+        "val_split": "dev",
+    }
+    check_source(DataConfig(datasets=[entry]))
+    assert [(c["path"], c["name"], c["split"], c["data_files"]) for c in calls] == [
+        ("org/d", "en", "test", ["en/*.parquet"]),
+        ("org/d", "en", "dev", ["en/*.parquet"]),
+    ]

@@ -10,6 +10,7 @@ import yaml
 
 from peftrun.errors import UserError
 from peftrun.recipe.load import load_recipe, load_run_recipe, parse_override, recipe_to_yaml
+from peftrun.recipe.schema import DataConfig
 
 BASE: dict[str, Any] = {"output_dir": "runs/x", "model": {"name_or_path": "m"}, "data": {"path": "d.jsonl"}}
 
@@ -110,6 +111,58 @@ BAD_RECIPES = [
         ":3:1: not valid YAML: duplicate key 'output_dir' (first on line 1)",
     ),
     ("- a list", "a recipe is a YAML mapping"),
+    # data.datasets: several datasets (issue 15)
+    (
+        _merge(data={"datasets": [{"path": "b.jsonl"}]}),
+        "data: give data.path (one dataset) or data.datasets (a list of them), not both",
+    ),
+    (
+        {**BASE, "data": {"format": "alpaca"}},
+        "data: give data.path (one dataset) or data.datasets (a list of them), one of them is required",
+    ),
+    (
+        {**BASE, "data": {"datasets": [{"path": "a.jsonl"}, {"path": "b.jsonl", "weight": 1, "samples": 5}]}},
+        "data.datasets[1].weight: give weight or samples, not both",
+    ),
+    (
+        {**BASE, "data": {"datasets": [{"path": "a.jsonl", "wieght": 0.5}]}},
+        "data.datasets[0].wieght: unknown key; did you mean 'weight'?",
+    ),
+    (
+        {**BASE, "data": {"datasets": [{"path": "a.jsonl", "weight": 0}]}},
+        "data.datasets[0].weight: Input should be greater than 0 (got 0)",
+    ),
+    (
+        {**BASE, "data": {"datasets": [{"path": "a.jsonl", "samples": 2.5}]}},
+        "data.datasets[0].samples: Input should be a valid integer",
+    ),
+    (
+        {**BASE, "data": {"datasets": [{"weight": 1}]}},
+        "data.datasets[0].path: required key is missing",
+    ),
+    (
+        {**BASE, "data": {"datasets": [{"path": "a.jsonl"}], "val_path": "v.jsonl"}},
+        "data.val_path: set it per dataset (data.datasets[].val_path) with data.datasets",
+    ),
+    (
+        {
+            **BASE,
+            "data": {"datasets": [{"path": "a.jsonl"}, {"path": "b", "val_path": "v"}], "val_fraction": 0.1},
+        },
+        "data.datasets[1].val_path: set either data.val_fraction or a dataset's val_path/val_split, not both",
+    ),
+    (
+        {**BASE, "data": {"datasets": [{"path": "org/d", "val_path": "v.jsonl", "val_split": "test"}]}},
+        "data.datasets[0].val_split: give val_path or val_split, not both",
+    ),
+    (
+        {**BASE, "data": {"datasets": [{"path": "a.jsonl", "format": "classification"}]}},
+        "data.datasets[0].format 'classification' does not fit task causal_lm (use alpaca or chat or text)",
+    ),
+    (
+        {**BASE, "task": "sequence_classification", "data": {"datasets": [{"path": "a.csv"}]}},
+        "data.datasets is for causal_lm; sequence_classification reads one dataset: give data.path",
+    ),
 ]
 
 
@@ -122,6 +175,63 @@ def test_bad_recipe_gives_one_clear_line(tmp_path: Path, data: object, message: 
     assert message in text
     assert text.startswith(str(path)), "the error must name the recipe file"
     assert "Traceback" not in text
+
+
+def test_both_forms_give_one_list_of_sources(tmp_path: Path) -> None:
+    short = load_recipe(
+        _write(tmp_path, _merge(data={"path": "org/d", "subset": "en", "data_files": ["en/*.parquet"]}))
+    )
+    (only,) = short.data.sources()
+    assert (only.key, only.path, only.subset, only.data_files, only.split) == (
+        "data",
+        "org/d",
+        "en",
+        ("en/*.parquet",),
+        "train",
+    )
+    assert only.key_of("path") == "data.path"
+    data = {
+        "format": "chat",
+        "columns": {"messages": "conversation"},
+        "chat_template": "chatml",
+        "datasets": [
+            {"path": "a.jsonl", "weight": 3},
+            {
+                "path": "org/b",
+                "split": "test",
+                "subset": "x",
+                "samples": 10,
+                "columns": {},
+                "val_split": "dev",
+            },
+            {"path": "c.jsonl", "format": "text", "chat_template": "llama3", "val_path": "cv.jsonl"},
+        ],
+    }
+    mixed = load_recipe(_write(tmp_path, {**BASE, "data": data})).data
+    a, b, c = mixed.sources()
+    assert (a.key, a.format, a.columns, a.weight, a.chat_template, a.split) == (
+        "data.datasets[0]",
+        "chat",
+        {"messages": "conversation"},
+        3.0,
+        "chatml",
+        "train",
+    )
+    assert (b.columns, b.split, b.subset, b.samples, b.val_split) == ({}, "test", "x", 10, "dev")
+    assert (c.format, c.chat_template, c.val_path, c.key_of("val_path")) == (
+        "text",
+        "llama3",
+        "cv.jsonl",
+        "data.datasets[2].val_path",
+    )
+    single = mixed.for_source(c)
+    assert (single.path, single.datasets, single.format, single.val_path) == (
+        "c.jsonl",
+        None,
+        "text",
+        "cv.jsonl",
+    )
+    assert single.sources() == [c.__class__(**{**c.__dict__, "key": "data", "weight": None})]
 
 
 def test_several_mistakes_are_all_reported(tmp_path: Path) -> None:
@@ -188,6 +298,9 @@ def test_resolved_recipe_round_trips(tmp_path: Path) -> None:
     again = load_recipe(_write(tmp_path, recipe_to_yaml(recipe)))
     assert again == recipe
     assert again.method.options == {"r": 8, "alpha": 16}
+    entries = [{"path": "a.jsonl", "weight": 2}, {"path": "org/b", "subset": "en", "samples": 5}]
+    mixed = load_recipe(_write(tmp_path, {**BASE, "data": {"datasets": entries}}))
+    assert load_recipe(_write(tmp_path, recipe_to_yaml(mixed))) == mixed
 
 
 def test_a_recipe_that_is_not_utf8_is_named_with_its_line(tmp_path: Path) -> None:
@@ -220,3 +333,22 @@ def test_a_run_directory_of_an_older_peftrun_still_loads(tmp_path: Path) -> None
     )
     with pytest.raises(UserError, match=r"moved to cpu\.matmul"):
         load_recipe(path)
+
+
+def test_read_paths_are_every_dataset_path_and_a_globs_matches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shards").mkdir()
+    for name in ("b.jsonl", "a.jsonl", "notes.md"):
+        (tmp_path / "shards" / name).write_text("{}\n")
+    data = DataConfig(
+        datasets=[
+            {"path": "shards/*.jsonl"},
+            {"path": "org/hub", "val_split": "dev"},
+            {"path": "folder", "val_path": "v.jsonl"},
+            {"path": "none/*.jsonl"},
+        ]
+    )
+    assert data.read_paths() == ["shards/a.jsonl", "shards/b.jsonl", "org/hub", "folder", "v.jsonl"]
+    assert DataConfig(path="t.jsonl", val_path="v.jsonl").read_paths() == ["t.jsonl", "v.jsonl"]
