@@ -169,7 +169,14 @@ def base(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, alpaca_file
         checkpoint={"at_end": False},
         **quantized,
     )
-    return {"root": root, "lora": lora, "full": full, "qlora": qlora, "tiny_llama": tiny_llama}
+    return {
+        "root": root,
+        "lora": lora,
+        "full": full,
+        "qlora": qlora,
+        "tiny_llama": tiny_llama,
+        "alpaca_file": alpaca_file,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -364,15 +371,23 @@ def test_packed_training_with_accumulation_on_two_processes(base: dict[str, Any]
     assert_same_adapter(out, reference.output_dir, base["tiny_llama"])
 
 
-def test_streamed_training_on_two_processes(base: dict[str, Any]) -> None:
-    """data.streaming on 2 ranks: each reads the stream and keeps its slice of every global batch, so
-    2 ranks x micro 1 x accumulation 2 train what 1 process x micro 4 trains, step for step."""
-    streamed = ("data.streaming=true", "data.shuffle_buffer=16", "train.global_batch_size=4")
+@pytest.mark.parametrize("data", ["streamed", "mixture"])
+def test_two_processes_read_the_data_as_one_does(base: dict[str, Any], data: str) -> None:
+    """Streamed, each rank reads the stream and keeps its slice of every global batch; mixed, the main
+    process plans the mixture once and every rank maps it. Either way 2 ranks x micro 1 x accumulation 2
+    train what 1 process x micro 4 trains, step for step."""
+    alpaca = base["alpaca_file"]
+    mixture = f"data.datasets=[{{path: {alpaca}, weight: 3}}, {{path: {alpaca}, samples: 4}}]"
+    chosen = {
+        "streamed": ("data.streaming=true", "data.shuffle_buffer=16"),
+        "mixture": ("data.path=''", mixture),
+    }[data]
+    overrides = (*chosen, "train.global_batch_size=4")
     reference = run_here(
-        base["lora"], f"output_dir={base['root'] / 'stream_1proc'}", *streamed, "train.micro_batch_size=4"
+        base["lora"], f"output_dir={base['root'] / f'{data}_1proc'}", *overrides, "train.micro_batch_size=4"
     )
     assert reference.final_dir is not None
-    out = base["root"] / "stream_ddp"
-    launch_ok("ddp.yaml", base["lora"], f"output_dir={out}", *streamed, "train.micro_batch_size=1")
+    out = base["root"] / f"{data}_ddp"
+    launch_ok("ddp.yaml", base["lora"], f"output_dir={out}", *overrides, "train.micro_batch_size=1")
     assert_losses_match(losses(out), losses(reference.output_dir))
     assert_same_adapter(out, reference.output_dir, base["tiny_llama"])
