@@ -71,3 +71,20 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(
     assert "step-00000002 is damaged (trainable.safetensors:" in said
     assert "resumed from" in said and "step-00000001 at step 1" in said
     assert resumed.steps == 3 and len(resumed.losses) == 2
+
+
+def test_resume_refuses_a_mixture_whose_dataset_changed(write_recipe: Any, tmp_path: Path) -> None:
+    rows = [{"instruction": f"Say {i}.", "input": "", "output": str(i)} for i in range(8)]
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    for path in (first, second):
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    recipe = write_recipe(
+        data={"_replace": True, "datasets": [{"path": str(first)}, {"path": str(second), "weight": 1}]},
+        train={"max_steps": 2},
+        checkpoint={"at_end": True},
+    )
+    run(recipe)
+    with second.open("a") as handle:
+        handle.write(json.dumps(rows[0]) + "\n")
+    with pytest.raises(UserError, match=r"in data\.datasets\[1\]\.path \(bytes\)"):
+        run(recipe, "train.resume=auto", "train.max_steps=3")

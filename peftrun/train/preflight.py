@@ -80,7 +80,7 @@ def preflight(recipe: Recipe) -> Preflight:
 
 def _read_paths(recipe: Recipe) -> list[str | None]:
     """What training reads from disk (when local): output_dir must stay clear of all of it."""
-    return [recipe.model.name_or_path, recipe.model.tokenizer, recipe.data.path, recipe.data.val_path]
+    return [recipe.model.name_or_path, recipe.model.tokenizer, *recipe.data.read_paths()]
 
 
 # transformers' registry of the architectures that have each task's head.

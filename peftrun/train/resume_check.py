@@ -46,10 +46,10 @@ def recipe_shape(recipe: Recipe) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     _flatten(recipe.model_dump(mode="json"), "", flat)
     shape = {k: v for k, v in flat.items() if not any(k == s or k.startswith(s) for s in NOT_SHAPING)}
-    for key in ("data.path", "data.val_path"):
-        value = shape.get(key)
-        if isinstance(value, str) and Path(value).is_file():
-            shape[f"{key} (bytes)"] = Path(value).stat().st_size
+    for source in recipe.data.sources():
+        for name, value in (("path", source.path), ("val_path", source.val_path)):
+            if value is not None and Path(value).expanduser().is_file():
+                shape[f"{source.key_of(name)} (bytes)"] = Path(value).expanduser().stat().st_size
     return shape
 
 
