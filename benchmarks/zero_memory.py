@@ -60,14 +60,24 @@ def main() -> int:
         default=list(BACKENDS),
         help="the LoRA case's backends",
     )
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe overrides for the LoRA case's runs (e.g. cpu.malloc_cache=false)",
+    )
     parser.add_argument("--worker", metavar="OUT_JSON", help=argparse.SUPPRESS)
-    parser.add_argument("--lora-worker", nargs=2, metavar=("RECIPE", "OUT_JSON"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--lora-worker", nargs="+", metavar="RECIPE OUT_JSON [KEY=VALUE ...]", help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.worker:
         worker(args, Path(args.worker))
         return 0
     if args.lora_worker:
-        return lora_worker(Path(args.lora_worker[0]), Path(args.lora_worker[1]))
+        recipe, out, *overrides = args.lora_worker
+        return lora_worker(Path(recipe), Path(out), overrides)
     if args.lora:
         return lora_case(args)
 
@@ -88,7 +98,11 @@ def main() -> int:
 
 
 def launch(
-    config: str, processes: int, script_args: list[str], script: str = __file__
+    config: str,
+    processes: int,
+    script_args: list[str],
+    script: str = __file__,
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """`script script_args` on `processes` CPU ranks under accelerate_configs/`config`, on a free port."""
     with socket.socket() as sock:
@@ -104,26 +118,37 @@ def launch(
     ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env.update(extra_env or {})
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
 
 
 def lora_case(args: argparse.Namespace) -> int:
+    from peftrun.run.memory import MEMORY_LOG_ENV
+
     hidden = args.hidden if args.hidden != 768 else 2048  # this mode's defaults: the ~1B model
     layers = args.layers if args.layers != 8 else 16
     rows: dict[str, list[dict[str, Any]]] = {}
+    phases: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         recipe = build_lora_case(Path(tmp), hidden, layers, args.vocab)
         for name in args.backends:
             config = BACKENDS[name]
             out = Path(tmp) / f"{config}.json"
+            phase_log = Path(tmp) / f"{config}.phases.json"
             print(f"running {name} ...", file=sys.stderr, flush=True)
-            done = launch(config, args.processes, ["--lora-worker", str(recipe), str(out)])
+            done = launch(
+                config,
+                args.processes,
+                ["--lora-worker", str(recipe), str(out), *args.set],
+                extra_env={MEMORY_LOG_ENV: str(phase_log)},
+            )
             if done.returncode != 0:
                 print(done.stdout[-2000:], done.stderr[-4000:], file=sys.stderr)
                 return 1
             rows[name] = sorted(
                 (json.loads(line) for line in out.read_text().splitlines()), key=lambda r: r["rank"]
             )
+            phases[name] = [json.loads(line) for line in phase_log.read_text().splitlines()]
             saved = [line for line in done.stdout.splitlines() if "[peftrun] saved" in line]
             print(f"{name}: {saved[-1] if saved else 'no save line'}", file=sys.stderr)
     print(f"\nLoRA r=16, bf16, {hidden=} {layers=}, {args.processes} CPU processes: peak RSS MB per process")
@@ -131,7 +156,26 @@ def lora_case(args: argparse.Namespace) -> int:
     print("|---|" + "---:|" * args.processes)
     for name, ranks in rows.items():
         print(f"| {name} | " + " | ".join(f"{r['peak_rss_bytes'] / MB:,.0f}" for r in ranks) + " |")
+    print_phases(phases)
     return 0
+
+
+def print_phases(phases: dict[str, list[dict[str, Any]]]) -> None:
+    """Resident and peak-so-far MB at each phase's end, rank 0 / rank 1 ...: the phase whose peak
+    jumps is the one that sets the run's peak."""
+    for name, records in phases.items():
+        print(
+            f"\n{name}: MB at the end of each phase, resident (peak so far; of it mapped files), rank 0 / rank 1 ..."
+        )
+        print("| phase | MB |\n|---|---:|")
+        order = list(dict.fromkeys(record["phase"] for record in records))
+        for phase in order:
+            ranks = sorted((r for r in records if r["phase"] == phase), key=lambda r: r["rank"])
+            cells = " / ".join(
+                f"{r['rss_bytes'] / MB:,.0f} ({r['peak_rss_bytes'] / MB:,.0f}; files {r['file_rss_bytes'] / MB:,.0f})"
+                for r in ranks
+            )
+            print(f"| {phase} | {cells} |")
 
 
 def build_lora_case(root: Path, hidden: int, layers: int, vocab: int) -> Path:
@@ -202,11 +246,11 @@ def build_lora_case(root: Path, hidden: int, layers: int, vocab: int) -> Path:
     return recipe
 
 
-def lora_worker(recipe: Path, out: Path) -> int:
+def lora_worker(recipe: Path, out: Path, overrides: list[str]) -> int:
     from peftrun.cli.main import main as peftrun_main
 
     # One run directory per backend: a run directory belongs to one run (run/owner.py).
-    code = peftrun_main(["train", str(recipe), f"output_dir={out.with_suffix('')}-run"])
+    code = peftrun_main(["train", str(recipe), f"output_dir={out.with_suffix('')}-run", *overrides])
     record = {"rank": int(os.environ.get("RANK", "0")), "peak_rss_bytes": _peak_rss_bytes()}
     with out.open("a") as handle:  # one short line per process: appends do not interleave
         handle.write(json.dumps(record) + "\n")

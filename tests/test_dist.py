@@ -362,3 +362,20 @@ def test_packed_training_with_accumulation_on_two_processes(base: dict[str, Any]
     rows = json.loads((out / "manifest.json").read_text())["data"]["packed_rows"]
     assert rows < json.loads((out / "manifest.json").read_text())["data"]["train_samples"]
     assert_same_adapter(out, reference.output_dir, base["tiny_llama"])
+
+
+def test_zero3_keeps_a_bounded_window_of_gathered_weights(write_recipe: Any) -> None:
+    """DeepSpeed's 1e9-element defaults keep a sub-1B model gathered whole on every process: the
+    window is bounded to two decoder layers (12 h^2 each) unless the launch config sets it."""
+    from peftrun.dist.accelerator import ZERO3_LIVE_LAYERS, _bound_gathered_weights
+    from peftrun.recipe.load import load_recipe
+
+    recipe = load_recipe(write_recipe())
+    hidden = 64  # tiny_llama
+    zero: dict[str, Any] = {}
+    _bound_gathered_weights(zero, recipe)
+    expected = ZERO3_LIVE_LAYERS * 12 * hidden * hidden
+    assert zero == {"stage3_max_live_parameters": expected, "stage3_max_reuse_distance": expected}
+    chosen = {"stage3_max_live_parameters": 7, "stage3_max_reuse_distance": 9}
+    _bound_gathered_weights(chosen, recipe)
+    assert chosen == {"stage3_max_live_parameters": 7, "stage3_max_reuse_distance": 9}
