@@ -402,3 +402,6 @@ def test_zero3_trains_a_bf16_base_as_one_process_does(base: dict[str, Any]) -> N
     rel = float(((got - expected).abs() / expected.abs()).max())
     assert rel <= BF16_LOSS_RTOL, f"losses {got.tolist()} vs 1-process {expected.tolist()}"
     assert "saved tensors in the sharded model: logits max rel diff 0.0e+00" in done.stdout
+    # Gathered weights' blocks go back to the OS when freed (cpu/memory.py), the malloc cache stays off.
+    cpu = json.loads((out / "manifest.json").read_text())["cpu"]
+    assert cpu["malloc_map_gathered"] and not cpu["malloc_cache"]
