@@ -22,7 +22,10 @@ gradient-sized copy per process); its peak RSS shows them.
 The LoRA case: a Llama-shaped model in bf16 (random weights, saved in 500 MB shards; ~0.85B
 parameters at the defaults of this mode), LoRA r=16 on all linear layers, 2 steps of one 128-token
 sample per process, run by `peftrun train` itself under each backend, final save and its check
-included. Each process reports its own peak RSS (training and save).
+included. Each process reports its own peak RSS (training and save), and its resident and peak RSS at
+the end of each phase (PEFTRUN_MEMORY_LOG, peftrun/run/memory.py): the phase whose peak jumps is the
+one that sets the run's peak. `--set KEY=VALUE ...` passes recipe overrides to these runs (e.g.
+`cpu.malloc_cache=false`).
 """
 
 from __future__ import annotations

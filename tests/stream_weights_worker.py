@@ -52,7 +52,8 @@ def main(model_dir: Path, out: Path) -> None:
     if main_process:
         good.mkdir()
     accelerator.wait_for_everyone()
-    files = write_streamed_weights(main_process, unwrapped, good, max_bytes=SHARD_BYTES)
+    files, write_failure = write_streamed_weights(main_process, unwrapped, good, max_bytes=SHARD_BYTES)
+    assert write_failure is None, write_failure
     checked, failure = check_streamed_weights(main_process, unwrapped, good, each_nonzero=True)
     if main_process:
         shutil.copytree(good, corrupted)

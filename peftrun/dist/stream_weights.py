@@ -75,27 +75,34 @@ def _gathered(weights: list[Weight]) -> Iterator[tuple[Weight, torch.Tensor]]:
             yield weight, weight.tensor.detach()
 
 
-def write_streamed_weights(main: bool, model: Any, directory: Path, max_bytes: int = SHARD_BYTES) -> int:
+def write_streamed_weights(
+    main: bool, model: Any, directory: Path, max_bytes: int = SHARD_BYTES
+) -> tuple[int, str | None]:
     """Write the weights of `model` (unwrapped, its parameters ZeRO-3 slices) to `directory`; returns
-    the number of files. Every process calls this."""
+    (the number of files, why writing failed or None). Every process calls this and takes part in
+    every gather, even after the main process failed to write (a full disk), so none is left waiting."""
     from safetensors.torch import save_file
 
     shards = plan_shards(saved_weights(model), max_bytes)
     weight_map: dict[str, str] = {}
+    failure: str | None = None
     for file, weights in shards.items():
         tensors: dict[str, torch.Tensor] = {}
         for weight, tensor in _gathered(weights):
-            if main:  # the others only take part in the gather
+            if main and failure is None:  # the others only take part in the gather
                 tensors[weight.name] = tensor.cpu().clone()
-        if main:
-            save_file(tensors, directory / file, metadata={"format": "pt"})
+        if tensors:
+            try:
+                save_file(tensors, directory / file, metadata={"format": "pt"})
+            except OSError as exc:
+                failure = f"writing {directory / file}: {exc}"
             weight_map.update(dict.fromkeys(tensors, file))
         del tensors
-    if main and len(shards) > 1:
+    if main and failure is None and len(shards) > 1:
         total = sum(weight.nbytes for weights in shards.values() for weight in weights)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return len(shards)
+    return len(shards), failure
 
 
 def _saved_files(directory: Path) -> dict[str, str]:
@@ -138,10 +145,10 @@ def check_streamed_weights(main: bool, model: Any, directory: Path, each_nonzero
             continue
         if file not in handles:
             handles = {file: safe_open(directory / file, framework="pt")}  # one file open at a time
-        try:
+        try:  # safetensors' own errors too: this process must go on taking part in the gathers
             check_one_tensor(
                 directory, weight.name, handles[file].get_tensor(weight.name), live, True, each_nonzero and weight.trainable
             )
-        except VerificationError as exc:
-            failure = str(exc)
+        except Exception as exc:
+            failure = str(exc) if isinstance(exc, VerificationError) else f"{directory / file}: {exc}"
     return len(weights), failure

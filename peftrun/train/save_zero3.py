@@ -133,9 +133,10 @@ def save_sharded_full(
     report = ""
     try:
         with staged_dir(final) if main else contextlib.nullcontext(final) as tmp:
-            files = write_streamed_weights(main, unwrapped, tmp)
+            files, failure = write_streamed_weights(main, unwrapped, tmp)
             note_memory("weights streamed")
-            tensors, failure = check_streamed_weights(main, unwrapped, tmp, each_nonzero)
+            tensors, check_failure = check_streamed_weights(main, unwrapped, tmp, each_nonzero)
+            failure = failure or check_failure
             note_memory("save checked")
             if main and failure is None:
                 write_model_config(unwrapped, tmp)
