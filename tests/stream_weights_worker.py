@@ -34,9 +34,13 @@ def main(model_dir: Path, out: Path) -> None:
     )
     accelerator = make_accelerator(recipe, log_with=[])
     model = make_trainable(load_base(recipe), recipe)
+    loaded_as_saved = loaded_equals_checkpoint(model, model_dir)  # read one tensor at a time (zero3_load)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     batches = [{"input_ids": torch.arange(1, 17)} for _ in range(2)]
-    loader = torch.utils.data.DataLoader(batches, batch_size=1)
+    loader: torch.utils.data.DataLoader[dict[str, torch.Tensor]] = torch.utils.data.DataLoader(
+        batches,  # type: ignore[arg-type]  # a list is a map-style dataset
+        batch_size=1,
+    )
     engine, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     batch = next(iter(loader))
     engine.backward(engine(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss)
@@ -63,9 +67,27 @@ def main(model_dir: Path, out: Path) -> None:
     if main_process:
         unwrapped.config.save_pretrained(good)
         torch.save(trained, out / "trained.pt")
-        result = {"files": files, "checked": checked, "failure": failure, "corrupted": corrupted_failure}
+        result = {
+            "files": files,
+            "checked": checked,
+            "failure": failure,
+            "corrupted": corrupted_failure,
+            "loaded_as_saved": loaded_as_saved,
+        }
         (out / "result.json").write_text(json.dumps(result))
     accelerator.wait_for_everyone()
+
+
+def loaded_equals_checkpoint(model: torch.nn.Module, model_dir: Path) -> bool:
+    from safetensors.torch import load_file
+
+    saved = load_file(model_dir / "model.safetensors")
+    equal = True
+    for name, param in model.named_parameters():
+        assert hasattr(param, "ds_id"), f"{name} is not partitioned"
+        with deepspeed.zero.GatheredParameters([param]):
+            equal = equal and torch.equal(param.detach(), saved[name])
+    return equal
 
 
 def corrupt_one_tensor(directory: Path, name: str) -> None:

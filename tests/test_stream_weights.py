@@ -1,6 +1,7 @@
 """The ZeRO-3 streamed save of a full model (peftrun/dist/stream_weights.py) on 2 real gloo processes:
 several shard files and an index that `from_pretrained` loads, holding exactly the trained weights, and a
-check that names a corrupted tensor. The whole `peftrun train` path of a full fine-tune under ZeRO-3 is
+check that names a corrupted tensor; the base read into the partitioned model one tensor at a time
+(peftrun/model/zero3_load.py) is the checkpoint. The whole `peftrun train` path of a full fine-tune under ZeRO-3 is
 run by tests/test_dist.py."""
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def test_zero3_streams_loadable_shards_and_catches_a_corrupted_tensor(
     done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads((tmp_path / "result.json").read_text())
+    assert result["loaded_as_saved"], "the base read one tensor at a time under ZeRO-3 is not the checkpoint"
     assert result["failure"] is None
     assert result["files"] > 1
     saved = tmp_path / "saved"
