@@ -166,8 +166,10 @@ def prepare_scheduler(accelerator: Any, scheduler: Any) -> Any:
 def gathered_model(accelerator: Any, model: Any, recipe: Recipe, probe_batch: dict[str, torch.Tensor]) -> Any:
     """Under ZeRO-3, a plain (unsharded) copy of the trained model on the main process; else None.
 
-    Used for full and frozen fine-tuning only (an adapter's save gathers only its trainable tensors,
-    see `gather_trainable`); it holds the whole model on the main process.
+    Used only for an adapter that moved base weights at init (PiSSA/OLoRA/CorDA), whose save converts
+    it against the original base; it holds the whole model on the main process. Other adapters gather
+    only their trainable tensors (`gather_trainable`), full and frozen fine-tunes stream their weights
+    to files (dist/stream_weights.py).
 
     Every process must call this: under ZeRO-3 each one holds a slice of every weight, so gathering
     the weights and running the trained model are collectives. The main process builds the model
