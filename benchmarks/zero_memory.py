@@ -25,7 +25,8 @@ sample per process, run by `peftrun train` itself under each backend, final save
 included. Each process reports its own peak RSS (training and save), and its resident and peak RSS at
 the end of each phase (PEFTRUN_MEMORY_LOG, peftrun/run/memory.py): the phase whose peak jumps is the
 one that sets the run's peak. `--set KEY=VALUE ...` passes recipe overrides to these runs (e.g.
-`cpu.malloc_cache=false`).
+`cpu.malloc_cache=false`); `--full-fine-tune` runs the same model fully fine-tuned (under ZeRO-3: the
+streamed save of dist/stream_weights.py).
 """
 
 from __future__ import annotations
@@ -69,6 +70,11 @@ def main() -> int:
         default=[],
         metavar="KEY=VALUE",
         help="recipe overrides for the LoRA case's runs (e.g. cpu.malloc_cache=false)",
+    )
+    parser.add_argument(
+        "--full-fine-tune",
+        action="store_true",
+        help="the LoRA case's model and runs, full fine-tuning instead (under ZeRO-3: the streamed save)",
     )
     parser.add_argument("--worker", metavar="OUT_JSON", help=argparse.SUPPRESS)
     parser.add_argument(
@@ -133,7 +139,8 @@ def lora_case(args: argparse.Namespace) -> int:
     rows: dict[str, list[dict[str, Any]]] = {}
     phases: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        recipe = build_lora_case(Path(tmp), hidden, layers, args.vocab)
+        method = FULL if args.full_fine_tune else LORA
+        recipe = build_lora_case(Path(tmp), hidden, layers, args.vocab, method)
         for name in args.backends:
             config = BACKENDS[name]
             out = Path(tmp) / f"{config}.json"
@@ -154,7 +161,8 @@ def lora_case(args: argparse.Namespace) -> int:
             phases[name] = [json.loads(line) for line in phase_log.read_text().splitlines()]
             saved = [line for line in done.stdout.splitlines() if "[peftrun] saved" in line]
             print(f"{name}: {saved[-1] if saved else 'no save line'}", file=sys.stderr)
-    print(f"\nLoRA r=16, bf16, {hidden=} {layers=}, {args.processes} CPU processes: peak RSS MB per process")
+    what = "full fine-tune" if args.full_fine_tune else "LoRA r=16"
+    print(f"\n{what}, bf16, {hidden=} {layers=}, {args.processes} CPU processes: peak RSS MB per process")
     print("| backend | " + " | ".join(f"rank {r}" for r in range(args.processes)) + " |")
     print("|---|" + "---:|" * args.processes)
     for name, ranks in rows.items():
@@ -181,7 +189,11 @@ def print_phases(phases: dict[str, list[dict[str, Any]]]) -> None:
             print(f"| {phase} | {cells} |")
 
 
-def build_lora_case(root: Path, hidden: int, layers: int, vocab: int) -> Path:
+LORA = {"kind": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear"}
+FULL = {"kind": "full"}
+
+
+def build_lora_case(root: Path, hidden: int, layers: int, vocab: int, method: dict[str, Any]) -> Path:
     """The bf16 model, one 128-token sample per process, and the recipe; returns the recipe's path."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -233,7 +245,7 @@ def build_lora_case(root: Path, hidden: int, layers: int, vocab: int) -> Path:
             {
                 "output_dir": str(root / "run"),
                 "model": {"name_or_path": str(root / "model"), "dtype": "bf16"},
-                "method": {"kind": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear"},
+                "method": method,
                 "data": {
                     "path": str(root / "data.jsonl"),
                     "format": "text",
