@@ -61,7 +61,7 @@ def main(model_dir: Path, out: Path) -> None:
     checked, failure = check_streamed_weights(main_process, unwrapped, good, each_nonzero=True)
     if main_process:
         shutil.copytree(good, corrupted)
-        corrupt_one_tensor(corrupted, "model.layers.1.mlp.down_proj.weight")
+        victim = corrupt_one_tensor(corrupted)
     accelerator.wait_for_everyone()
     _, corrupted_failure = check_streamed_weights(main_process, unwrapped, corrupted, each_nonzero=True)
     if main_process:
@@ -73,6 +73,7 @@ def main(model_dir: Path, out: Path) -> None:
             "failure": failure,
             "corrupted": corrupted_failure,
             "loaded_as_saved": loaded_as_saved,
+            "victim": victim,
         }
         (out / "result.json").write_text(json.dumps(result))
     accelerator.wait_for_everyone()
@@ -90,14 +91,19 @@ def loaded_equals_checkpoint(model: torch.nn.Module, model_dir: Path) -> bool:
     return equal
 
 
-def corrupt_one_tensor(directory: Path, name: str) -> None:
+def corrupt_one_tensor(directory: Path) -> str:
+    """Add 1 to one element of the last saved matrix; returns its name."""
     from safetensors.torch import load_file, save_file
 
     index = json.loads((directory / "model.safetensors.index.json").read_text())
-    file = directory / index["weight_map"][name]
-    tensors = load_file(file)
-    tensors[name].view(-1)[0] += 1.0
-    save_file(tensors, file, metadata={"format": "pt"})
+    for file in sorted({directory / name for name in index["weight_map"].values()}, reverse=True):
+        tensors = load_file(file)
+        matrices = [key for key, tensor in tensors.items() if tensor.dim() == 2]
+        if matrices:
+            tensors[matrices[-1]].view(-1)[0] += 1.0
+            save_file(tensors, file, metadata={"format": "pt"})
+            return matrices[-1]
+    raise AssertionError(f"{directory}: no matrix saved")
 
 
 if __name__ == "__main__":
