@@ -22,7 +22,11 @@ gradient-sized copy per process); its peak RSS shows them.
 The LoRA case: a Llama-shaped model in bf16 (random weights, saved in 500 MB shards; ~0.85B
 parameters at the defaults of this mode), LoRA r=16 on all linear layers, 2 steps of one 128-token
 sample per process, run by `peftrun train` itself under each backend, final save and its check
-included. Each process reports its own peak RSS (training and save).
+included. Each process reports its own peak RSS (training and save), and its resident and peak RSS at
+the end of each phase (PEFTRUN_MEMORY_LOG, peftrun/run/memory.py): the phase whose peak jumps is the
+one that sets the run's peak. `--set KEY=VALUE ...` passes recipe overrides to these runs (e.g.
+`cpu.malloc_cache=false`); `--full-fine-tune` runs the same model fully fine-tuned (under ZeRO-3: the
+streamed save of dist/stream_weights.py).
 """
 
 from __future__ import annotations
@@ -60,14 +64,29 @@ def main() -> int:
         default=list(BACKENDS),
         help="the LoRA case's backends",
     )
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe overrides for the LoRA case's runs (e.g. cpu.malloc_cache=false)",
+    )
+    parser.add_argument(
+        "--full-fine-tune",
+        action="store_true",
+        help="the LoRA case's model and runs, full fine-tuning instead (under ZeRO-3: the streamed save)",
+    )
     parser.add_argument("--worker", metavar="OUT_JSON", help=argparse.SUPPRESS)
-    parser.add_argument("--lora-worker", nargs=2, metavar=("RECIPE", "OUT_JSON"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--lora-worker", nargs="+", metavar="RECIPE OUT_JSON [KEY=VALUE ...]", help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.worker:
         worker(args, Path(args.worker))
         return 0
     if args.lora_worker:
-        return lora_worker(Path(args.lora_worker[0]), Path(args.lora_worker[1]))
+        recipe, out, *overrides = args.lora_worker
+        return lora_worker(Path(recipe), Path(out), overrides)
     if args.lora:
         return lora_case(args)
 
@@ -88,7 +107,11 @@ def main() -> int:
 
 
 def launch(
-    config: str, processes: int, script_args: list[str], script: str = __file__
+    config: str,
+    processes: int,
+    script_args: list[str],
+    script: str = __file__,
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """`script script_args` on `processes` CPU ranks under accelerate_configs/`config`, on a free port."""
     with socket.socket() as sock:
@@ -104,37 +127,73 @@ def launch(
     ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env.update(extra_env or {})
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
 
 
 def lora_case(args: argparse.Namespace) -> int:
+    from peftrun.run.memory import MEMORY_LOG_ENV
+
     hidden = args.hidden if args.hidden != 768 else 2048  # this mode's defaults: the ~1B model
     layers = args.layers if args.layers != 8 else 16
     rows: dict[str, list[dict[str, Any]]] = {}
+    phases: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        recipe = build_lora_case(Path(tmp), hidden, layers, args.vocab)
+        method = FULL if args.full_fine_tune else LORA
+        recipe = build_lora_case(Path(tmp), hidden, layers, args.vocab, method)
         for name in args.backends:
             config = BACKENDS[name]
             out = Path(tmp) / f"{config}.json"
+            phase_log = Path(tmp) / f"{config}.phases.json"
             print(f"running {name} ...", file=sys.stderr, flush=True)
-            done = launch(config, args.processes, ["--lora-worker", str(recipe), str(out)])
+            done = launch(
+                config,
+                args.processes,
+                ["--lora-worker", str(recipe), str(out), *args.set],
+                extra_env={MEMORY_LOG_ENV: str(phase_log)},
+            )
             if done.returncode != 0:
                 print(done.stdout[-2000:], done.stderr[-4000:], file=sys.stderr)
                 return 1
             rows[name] = sorted(
                 (json.loads(line) for line in out.read_text().splitlines()), key=lambda r: r["rank"]
             )
+            phases[name] = [json.loads(line) for line in phase_log.read_text().splitlines()]
             saved = [line for line in done.stdout.splitlines() if "[peftrun] saved" in line]
             print(f"{name}: {saved[-1] if saved else 'no save line'}", file=sys.stderr)
-    print(f"\nLoRA r=16, bf16, {hidden=} {layers=}, {args.processes} CPU processes: peak RSS MB per process")
+    what = "full fine-tune" if args.full_fine_tune else "LoRA r=16"
+    print(f"\n{what}, bf16, {hidden=} {layers=}, {args.processes} CPU processes: peak RSS MB per process")
     print("| backend | " + " | ".join(f"rank {r}" for r in range(args.processes)) + " |")
     print("|---|" + "---:|" * args.processes)
     for name, ranks in rows.items():
         print(f"| {name} | " + " | ".join(f"{r['peak_rss_bytes'] / MB:,.0f}" for r in ranks) + " |")
+    print_phases(phases)
     return 0
 
 
-def build_lora_case(root: Path, hidden: int, layers: int, vocab: int) -> Path:
+def print_phases(phases: dict[str, list[dict[str, Any]]]) -> None:
+    """Resident and peak-so-far MB at each phase's end, rank 0 / rank 1 ...: the phase whose peak
+    jumps is the one that sets the run's peak."""
+    for name, records in phases.items():
+        print(
+            f"\n{name}: MB at the end of each phase, resident (peak so far; of it mapped files), rank 0 / rank 1 ..."
+        )
+        print("| phase | MB |\n|---|---:|")
+        order = list(dict.fromkeys(record["phase"] for record in records))
+        for phase in order:
+            ranks = sorted((r for r in records if r["phase"] == phase), key=lambda r: r["rank"])
+            cells = " / ".join(
+                f"{r['rss_bytes'] / MB:,.0f} ({r['peak_rss_bytes'] / MB:,.0f}; files {r['file_rss_bytes'] / MB:,.0f})"
+                for r in ranks
+            )
+            print(f"| {phase} | {cells} |")
+
+
+LORA = {"kind": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear"}
+FULL = {"kind": "full"}
+
+
+def build_lora_case(root: Path, hidden: int, layers: int, vocab: int, method: dict[str, Any]) -> Path:
     """The bf16 model, one 128-token sample per process, and the recipe; returns the recipe's path."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -186,7 +245,7 @@ def build_lora_case(root: Path, hidden: int, layers: int, vocab: int) -> Path:
             {
                 "output_dir": str(root / "run"),
                 "model": {"name_or_path": str(root / "model"), "dtype": "bf16"},
-                "method": {"kind": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear"},
+                "method": method,
                 "data": {
                     "path": str(root / "data.jsonl"),
                     "format": "text",
@@ -202,11 +261,11 @@ def build_lora_case(root: Path, hidden: int, layers: int, vocab: int) -> Path:
     return recipe
 
 
-def lora_worker(recipe: Path, out: Path) -> int:
+def lora_worker(recipe: Path, out: Path, overrides: list[str]) -> int:
     from peftrun.cli.main import main as peftrun_main
 
     # One run directory per backend: a run directory belongs to one run (run/owner.py).
-    code = peftrun_main(["train", str(recipe), f"output_dir={out.with_suffix('')}-run"])
+    code = peftrun_main(["train", str(recipe), f"output_dir={out.with_suffix('')}-run", *overrides])
     record = {"rank": int(os.environ.get("RANK", "0")), "peak_rss_bytes": _peak_rss_bytes()}
     with out.open("a") as handle:  # one short line per process: appends do not interleave
         handle.write(json.dumps(record) + "\n")

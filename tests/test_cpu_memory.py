@@ -1,4 +1,5 @@
-"""glibc keeps freed blocks in the process once keep_freed_memory() ran (checked in a fresh interpreter)."""
+"""glibc keeps freed blocks in the process once keep_freed_memory() ran, and maps every block of a few MB
+once map_gathered_weights() ran (ZeRO-3; checked in a fresh interpreter)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 PROBE = """
 import ctypes, json, sys
-from peftrun.cpu.memory import keep_freed_memory
+from peftrun.cpu.memory import keep_freed_memory, map_gathered_weights
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in
@@ -20,12 +21,18 @@ libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = MallInfo2
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
-changed = keep_freed_memory() if sys.argv[1] == "on" else False
+setting = {"on": keep_freed_memory, "gathered": map_gathered_weights}.get(sys.argv[1])
+changed = setting() if setting else False
 before = libc.mallinfo2().hblkhd  # bytes in blocks that are mappings of their own
 block = libc.malloc(16 << 20)  # an activation-sized block
 mapped = libc.mallinfo2().hblkhd - before
 libc.free(block)
-print(json.dumps({"changed": changed, "mapped": mapped, "kept": libc.mallinfo2().keepcost}))
+kept = libc.mallinfo2().keepcost
+before = libc.mallinfo2().hblkhd
+again = libc.malloc(4 << 20)  # a gathered weight's size, after one of its size was freed
+remapped = libc.mallinfo2().hblkhd - before
+libc.free(again)
+print(json.dumps({"changed": changed, "mapped": mapped, "kept": kept, "remapped": remapped}))
 """
 
 
@@ -42,3 +49,13 @@ def test_large_blocks_come_from_the_heap_and_stay_after_free() -> None:
     assert default["mapped"] >= 16 << 20 and default["kept"] < 16 << 20
     assert kept["changed"]
     assert kept["mapped"] == 0 and kept["kept"] >= 16 << 20
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_under_zero3_blocks_of_a_few_mb_stay_mappings_of_their_own() -> None:
+    """glibc's default raises its mmap threshold once a large block is freed, so the next gathered
+    weight comes from the heap (and its space stays resident after it is freed)."""
+    default, gathered = _probe("off"), _probe("gathered")
+    assert default["remapped"] == 0
+    assert gathered["changed"]
+    assert gathered["remapped"] >= 4 << 20 and gathered["kept"] < 16 << 20

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from peftrun.model.methods import (
     hold_frozen_norms_in_eval,
 )
 from peftrun.model.tasks import CLASSIFIER_HEADS, TASKS
+from peftrun.model.zero3_load import load_streamed
 from peftrun.recipe.schema import ModelConfig, QuantizationConfig, Recipe
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -176,7 +178,22 @@ def _load_weights(cfg: ModelConfig, model_class: Any, device_map: Any, labels: l
         if not is_deepspeed_zero3_enabled():  # ZeRO-3 places (and splits) the weights itself
             kwargs["device_map"] = device_map if device_map is not None else _default_device()
     with _zero3_builds_in(DTYPES[cfg.dtype]):
+        if _streams_under_zero3(cfg, labels):
+            build = {
+                k: kwargs[k] for k in ("dtype", "trust_remote_code", "attn_implementation") if k in kwargs
+            }
+            model = load_streamed(model_class, load_model_config(cfg), Path(cfg.name_or_path), **build)
+            if model is not None:
+                return model
         return model_class.from_pretrained(cfg.name_or_path, **kwargs)
+
+
+def _streams_under_zero3(cfg: ModelConfig, labels: list[str] | None) -> bool:
+    """Under ZeRO-3, a plain base is read one tensor at a time (model/zero3_load.py), not gathered
+    whole on rank 0 first as transformers does."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled() and cfg.quantization is None and labels is None
 
 
 @contextlib.contextmanager

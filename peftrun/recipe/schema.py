@@ -526,7 +526,8 @@ class CpuConfig(Section):
     malloc_cache: bool = Field(
         True,
         description="On Linux (glibc): freed activation memory stays in the process instead of "
-        "going back to the OS and page-faulting in anew every step (~1.07x a step, ~40 MB more peak RSS).",
+        "going back to the OS and page-faulting in anew every step (~1.07x a step, ~40 MB more peak RSS). "
+        "Not applied under ZeRO-3, where the blocks of gathered weights go back to the OS instead.",
     )
 
 

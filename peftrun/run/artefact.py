@@ -61,10 +61,32 @@ def write_artefact(
         model.save_pretrained(str(directory), safe_serialization=True, **save)
     finally:
         config.use_cache = use_cache
+    write_companions(processor, recipe, directory)
+
+
+def write_companions(processor: Any, recipe: Recipe, directory: Path) -> None:
+    """What a loadable directory holds beside the weights and their config: the processor and the
+    resolved recipe."""
     save_processor(processor, recipe, directory)
     source = recipe.output_dir / RESOLVED_RECIPE
     if source.is_file():
         shutil.copy(source, directory / RESOLVED_RECIPE)
+
+
+def write_model_config(model: Any, directory: Path) -> None:
+    """config.json (and generation_config.json) of a transformers model as its save_pretrained writes
+    them, for weights written by another writer (the ZeRO-3 stream, train/save_zero3.py)."""
+    config = model.config
+    config.architectures = [type(model).__name__]
+    config.dtype = str(model.dtype).removeprefix("torch.")
+    use_cache = config.use_cache
+    config.use_cache = True  # off for training only; generation wants it
+    try:
+        config.save_pretrained(str(directory))
+    finally:
+        config.use_cache = use_cache
+    if model.can_generate():
+        model.generation_config.save_pretrained(str(directory))
 
 
 def checkpoint_writer(

@@ -105,7 +105,7 @@ def check_tensors(
     for file in saved_weight_files(directory):
         saved = load_file(file)
         for name in saved.keys() & wanted.keys():
-            _check_one(
+            check_one_tensor(
                 directory, name, saved[name], wanted[name], compare_values, each_nonzero and name in trained
             )
             any_trained_nonzero = any_trained_nonzero or (name in trained and bool(saved[name].any()))
@@ -119,7 +119,7 @@ def check_tensors(
     return len(wanted)
 
 
-def _check_one(
+def check_one_tensor(
     directory: Path,
     name: str,
     saved: torch.Tensor,

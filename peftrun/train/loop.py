@@ -25,6 +25,7 @@ from peftrun.model.tasks import Task
 from peftrun.recipe.schema import Recipe, TrainConfig
 from peftrun.run.artefact import checkpoint_writer
 from peftrun.run.io_checks import cleaning_up_on_failure
+from peftrun.run.memory import note_memory
 from peftrun.train.checkpoint import CHECKPOINTS, save_checkpoint
 from peftrun.train.preflight import preflight
 from peftrun.train.save import write_outputs
@@ -61,7 +62,9 @@ def train(recipe: Recipe) -> RunResult:
         run.eval_loss = _eval_and_log(run)
     if run.recipe.checkpoint.at_end and run.losses:
         _checkpoint(run)
+    note_memory("trained")
     final_dir = write_outputs(run)
+    note_memory("saved")
     run.accelerator.end_training()
     return RunResult(run.out, final_dir, step, run.losses, run.eval_loss)
 
@@ -94,6 +97,7 @@ def run_loop(run: Run, stop: StopRequest) -> tuple[bool, bool]:
             )
             run.scheduler.step()
             state.step += 1
+            note_memory(f"step {state.step}")
             after_optimizer_step(accelerator.unwrap_model(run.model), recipe.method.kind, state.step)
             state.batches_in_epoch += accumulation
             state.tokens_seen += supervised

@@ -35,7 +35,7 @@ from peftrun.run.verify import (
 )
 from peftrun.staging import staged_dir
 from peftrun.train.checkpoint import STATE_FILE, best_checkpoint, checkpoint_root, save_checkpoint
-from peftrun.train.save_zero3 import save_sharded_adapter
+from peftrun.train.save_zero3 import save_sharded_adapter, save_sharded_full
 from peftrun.train.setup import Run
 
 
@@ -99,6 +99,8 @@ def save_final(
     adapter = recipe.method.kind not in NON_ADAPTER_KINDS
     if zero_stage(accelerator) == 3 and adapter and initial_adapter is None:
         failure = save_sharded_adapter(accelerator, model, processor, recipe, probe_batch, final)
+    elif zero_stage(accelerator) == 3 and not adapter:
+        failure = save_sharded_full(accelerator, model, processor, recipe, final)
     else:
         failure = _save_whole(accelerator, model, processor, recipe, probe_batch, initial_adapter, final)
     if agree_on_failure(accelerator, failure):
@@ -118,7 +120,8 @@ def _save_whole(
     final: Path,
 ) -> str | None:
     """The save where the main process holds every weight it writes (one process, DDP, ZeRO-1/2, and
-    full fine-tuning under ZeRO-3 through a gathered copy); returns the check's failure, if any."""
+    under ZeRO-3 an adapter that moved base weights at init (PiSSA/OLoRA/CorDA), through a gathered
+    copy); returns the check's failure, if any."""
     # Under ZeRO-3 no process holds whole weights: the save and its checks use a plain copy gathered
     # from all processes (a collective, see dist.py); elsewhere every process holds them.
     gathered = gathered_model(accelerator, model, recipe, probe_batch)

@@ -1,5 +1,7 @@
-"""The final save of an adapter under ZeRO-3: only the trainable tensors are gathered, and the check runs
-on the sharded model itself with every process taking part (no full copy of the base on any process)."""
+"""The final save under ZeRO-3, where no process holds whole weights. An adapter: only the trainable
+tensors are gathered, and the check runs on the sharded model itself with every process taking part.
+A full fine-tune: the weights are streamed to sharded files and checked one weight at a time. Neither
+puts a full copy of the model on any process."""
 
 from __future__ import annotations
 
@@ -9,14 +11,17 @@ from typing import Any
 
 import torch
 
-from peftrun.dist.accelerator import agree_on_failure, gather_trainable, scatter_trainable
+from peftrun.dist.accelerator import agree_on_failure, gather_trainable, release_gathered, scatter_trainable
+from peftrun.dist.stream_weights import check_streamed_weights, write_streamed_weights
 from peftrun.model.methods import MAY_ZERO_TENSORS
 from peftrun.recipe.schema import Recipe
-from peftrun.run.artefact import write_artefact
+from peftrun.run.artefact import write_artefact, write_companions, write_model_config
+from peftrun.run.memory import note_memory
 from peftrun.run.verify import (
     LogitDiff,
     VerificationError,
     check_adapter_config,
+    check_model_config,
     check_tensors,
     logit_diff,
     logits_dtype,
@@ -75,6 +80,7 @@ def save_sharded_adapter(
     unwrapped = accelerator.unwrap_model(model)
     main = accelerator.is_main_process
     trained = gather_trainable(accelerator, model)  # empty on other processes
+    note_memory("trainable gathered")
     samples = probe_rows(probe_batch)
     expected = [logits_on(model, sample) for sample in samples]
     failure: str | None = None
@@ -93,6 +99,7 @@ def save_sharded_adapter(
                 for sample, trained_logits in zip(samples, expected, strict=True):
                     found = found.worst(logit_diff(trained_logits, logits_on(model, sample)))
                 scatter_trainable(accelerator, model, trained)
+                note_memory("save checked")
                 tolerance = same_kernels_tolerance(logits_dtype(unwrapped))
                 report = f"{tensors if main else 0} tensors verified, saved tensors in the sharded model: logits max rel diff {found.max_rel:.1e} (tol {tolerance:.0e})"
                 if main and not found.max_rel <= tolerance:
@@ -102,6 +109,45 @@ def save_sharded_adapter(
                     )
             if main and failure is not None:
                 raise _Unpublished  # leaves staged_dir with an error: what was written is removed
+    except _Unpublished:
+        pass
+    if failure is None:
+        accelerator.print(f"[peftrun] saved {final}: {report}")
+    accelerator.wait_for_everyone()
+    return failure
+
+
+def save_sharded_full(
+    accelerator: Any, model: Any, processor: Any, recipe: Recipe, final: Path
+) -> str | None:
+    """A full (or frozen) fine-tune's save under ZeRO-3: the weights are streamed to sharded
+    safetensors files one gathered weight at a time, then gathered again one at a time and compared
+    with what the files hold; the saved config must build the trained architecture (with every tensor
+    equal, that makes `from_pretrained(final)` the trained model's function, see
+    verify.check_model_config). No process holds the whole model. Returns the check's failure, if any."""
+    unwrapped = accelerator.unwrap_model(model)
+    main = accelerator.is_main_process
+    release_gathered(model)
+    each_nonzero = recipe.method.kind not in MAY_ZERO_TENSORS
+    failure: str | None = None
+    report = ""
+    try:
+        with staged_dir(final) if main else contextlib.nullcontext(final) as tmp:
+            files, failure = write_streamed_weights(main, unwrapped, tmp)
+            note_memory("weights streamed")
+            tensors, check_failure = check_streamed_weights(main, unwrapped, tmp, each_nonzero)
+            failure = failure or check_failure
+            note_memory("save checked")
+            if main and failure is None:
+                write_model_config(unwrapped, tmp)
+                write_companions(processor, recipe, tmp)
+                try:
+                    check_model_config(tmp, unwrapped)
+                except VerificationError as exc:
+                    failure = str(exc)
+            report = f"{tensors} tensors in {files} file(s) verified against the gathered weights, config builds the trained architecture"
+            if main and failure is not None:
+                raise _Unpublished
     except _Unpublished:
         pass
     if failure is None:

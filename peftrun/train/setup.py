@@ -17,12 +17,13 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from peftrun.cpu.memory import map_gathered_weights
 from peftrun.cpu.tune import CpuTuning, tune_for_cpu
 from peftrun.data import DataSharing
 from peftrun.data.packing import sample_lengths
 from peftrun.data.rows import TaskData
 from peftrun.data.sampling import EpochShuffle, LengthGroupedShuffle
-from peftrun.dist.accelerator import make_accelerator, prepare_scheduler
+from peftrun.dist.accelerator import make_accelerator, prepare_scheduler, zero_stage
 from peftrun.dist.signals import slurm_restarts
 from peftrun.errors import UserError
 from peftrun.evaluation.samples import EvalSamples, eval_samples_for
@@ -32,6 +33,7 @@ from peftrun.model.tasks import TASKS, Task
 from peftrun.recipe.load import recipe_to_yaml
 from peftrun.recipe.schema import Recipe
 from peftrun.run.io_checks import reading
+from peftrun.run.memory import note_memory
 from peftrun.run.outputs import METRICS_FILE, RESOLVED_RECIPE, MetricsLog
 from peftrun.run.owner import claim
 from peftrun.run.run_dir import tokenized_cache_dir
@@ -93,11 +95,14 @@ def setup_run(recipe: Recipe, checks: Preflight) -> Run:
         accelerator.print(f"[peftrun] {line}")
     task = TASKS[recipe.task]
     processor, data, recipe = load_data(accelerator, recipe, task)
+    note_memory("data loaded")
     model, initial_adapter, cpu = build_model(accelerator, recipe)
+    note_memory("model built")
     parameters = count_parameters(model)  # printed by preflight already; recorded in the manifest
     train_loader, eval_loader, probe_batch = build_loaders(accelerator, recipe, task, processor, data)
     optimizer = build_optimizer(model, recipe.train)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    note_memory("prepared")
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
     total_steps = _total_steps(accelerator, recipe, data, train_loader)
@@ -174,8 +179,14 @@ def _data_log(accelerator: Any) -> Callable[[str], None]:
 def build_model(accelerator: Any, recipe: Recipe) -> tuple[Any, Path | None, CpuTuning]:
     """The trainable model (CPU speed-ups applied on a CPU) and, where the method moves base weights,
     the saved initial adapter."""
-    model = make_trainable(load_base(recipe), recipe)
-    cpu = tune_for_cpu(model, recipe.cpu, accelerator.device, compiled=recipe.train.compile)
+    # Before the load: ZeRO-3 gathers and frees whole weights from zero.Init on (cpu/memory.py).
+    mapped = zero_stage(accelerator) == 3 and accelerator.device.type == "cpu" and map_gathered_weights()
+    base = load_base(recipe)
+    note_memory("base loaded")
+    model = make_trainable(base, recipe)
+    cpu = tune_for_cpu(
+        model, recipe.cpu, accelerator.device, compiled=recipe.train.compile, gathered_mapped=mapped
+    )
     if cpu.matmul == "onednn":
         accelerator.print("[peftrun] fp32 linear layers run through oneDNN on this CPU (cpu.matmul)")
     register_trainable_only_hooks(accelerator)
