@@ -25,7 +25,7 @@ from peftrun.errors import UserError
 if TYPE_CHECKING:
     import datasets
 
-    from peftrun.recipe.schema import DataConfig, Source
+    from peftrun.recipe.data import DataConfig, Source
 
 __all__ = ["TokenizedDataset", "assemble", "is_mixture"]
 

@@ -49,7 +49,7 @@ from peftrun.staging import staged_file
 if TYPE_CHECKING:
     import datasets
 
-    from peftrun.recipe.schema import DataConfig, Source
+    from peftrun.recipe.data import DataConfig, Source
 
 __all__ = ["ROWS_VERSION", "SourceRows", "read_source", "source_identity"]
 

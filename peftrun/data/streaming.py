@@ -41,7 +41,7 @@ from peftrun.errors import UserError
 if TYPE_CHECKING:
     import datasets
 
-    from peftrun.recipe.schema import DataConfig, Source
+    from peftrun.recipe.data import DataConfig, Source
 
 __all__ = ["StreamReport", "StreamingSamples", "prepare_stream"]
 
@@ -194,7 +194,7 @@ def prepare_stream(
 
 def _eval_config(cfg: DataConfig) -> DataConfig | None:
     """The datasets' own eval rows (val_path, val_split) as a prepared (not streamed) set, or None."""
-    from peftrun.recipe.schema import DatasetSource
+    from peftrun.recipe.data import DatasetSource
 
     entries = [
         DatasetSource(
