@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from peftrun.data.arrow import TokenizedSource, default_num_proc, tokenize_source
-from peftrun.data.assemble import TokenizedDataset, assemble, is_mixture
+from peftrun.data.assemble import Assembled, TokenizedDataset, assemble, is_mixture
 from peftrun.data.chat.encode import ChatEncoder
 from peftrun.data.progress import Progress
 from peftrun.data.report import DataReport, TokenizedData
@@ -57,8 +57,10 @@ __all__ = [
     "prepare_data",
 ]
 
+# The entry's list of tokenized Arrow files, in the order the splits' indices count rows.
+_FILES = "files.json"
 # Bump whenever the tokens produced for the same inputs change, so old caches are not reused.
-PIPELINE_VERSION = "4"  # 2: chat spans from one rendering; 3: Arrow files from Dataset.map, a length column; 4: data.datasets
+PIPELINE_VERSION = "5"  # 2: chat spans from one rendering; 3: Arrow files from Dataset.map, a length column; 4: data.datasets; 5: entries keep the tokenized files and index them
 
 
 # ------------------------------------------------------------------------------------------- batching
@@ -152,16 +154,16 @@ def _is_complete(entry: Path) -> bool:
 
 
 def _load_cached(entry: Path, cache_hit: bool) -> TokenizedData:
-    """The entry's datasets, memory-mapped from its Arrow files (every process maps the same pages)."""
+    """The entry's splits, memory-mapped from its Arrow files (every process maps the same pages)."""
     import datasets
+    import numpy as np
 
     report = DataReport(**{**json.loads((entry / "report.json").read_text()), "cache_hit": cache_hit})
-    eval_dir = entry / "eval"
-    return TokenizedData(
-        train=datasets.load_from_disk(str(entry / "train")),
-        eval=datasets.load_from_disk(str(eval_dir)) if eval_dir.is_dir() else None,
-        report=report,
-    )
+    files = json.loads((entry / _FILES).read_text())
+    tokenized = datasets.concatenate_datasets([datasets.Dataset.from_file(str(entry / f)) for f in files])
+    eval_rows = entry / "eval.npy"
+    held_out = np.load(eval_rows) if eval_rows.is_file() else None
+    return Assembled(tokenized, np.load(entry / "train.npy"), held_out, report).data()
 
 
 @contextmanager
@@ -178,12 +180,18 @@ def _no_progress_bars() -> Iterator[None]:
             enable_progress_bars()
 
 
-def _write_entry(tmp: Path, data: TokenizedData) -> None:
-    """The datasets (index selections written out in batches) and, last, the report that marks it complete."""
-    data.train.save_to_disk(str(tmp / "train"))
-    if data.eval is not None:
-        data.eval.save_to_disk(str(tmp / "eval"))
-    (tmp / "report.json").write_text(json.dumps(asdict(data.report), indent=1))
+def _write_entry(tmp: Path, assembled: Assembled) -> None:
+    """The splits' indices, the list of the tokenized files they index, and, last, the report that marks
+    the entry complete. The tokenized files stay where `tokenize_source` wrote them, inside `tmp`."""
+    import numpy as np
+
+    root = tmp.resolve()
+    files = [str(Path(f["filename"]).resolve().relative_to(root)) for f in assembled.tokenized.cache_files]
+    (tmp / _FILES).write_text(json.dumps(files, indent=0))
+    np.save(tmp / "train.npy", assembled.train)
+    if assembled.eval is not None:
+        np.save(tmp / "eval.npy", assembled.eval)
+    (tmp / "report.json").write_text(json.dumps(asdict(assembled.report), indent=1))
 
 
 # -------------------------------------------------------------------------------------------- prepare
@@ -227,26 +235,26 @@ def _build_entry(entry: Path, inputs: _Inputs, sharing: DataSharing) -> None:
     cfg = inputs.cfg
     # A concurrent run (another machine on a shared cache) may publish the same entry first: same tokens.
     with staged_dir(entry, is_complete=_is_complete) as tmp, _no_progress_bars():
-        work = tmp / "work"  # rows and per-dataset map outputs; the entry keeps only the assembled splits
+        rows_dir = tmp / "rows"  # local files' rows as Arrow: read once, deleted once tokenized
         parts = []
         for index, (source, template) in enumerate(zip(cfg.sources(), inputs.chat_templates, strict=True)):
-            rows = read_source(source, cfg, cache_dir=work / "rows")
+            rows = read_source(source, cfg, cache_dir=rows_dir)
             encoder = SampleEncoder(inputs.tokenizer, cfg.for_source(source), source.path, template)
-            train = _tokenize(cfg, encoder, source.path, rows.train, work / f"train-{index}", sharing)
+            train = _tokenize(cfg, encoder, source.path, rows.train, tmp / f"train-{index}", sharing)
             held_out = (
                 _tokenize(
-                    cfg, encoder, source.val_path or source.path, rows.eval, work / f"eval-{index}", sharing
+                    cfg, encoder, source.val_path or source.path, rows.eval, tmp / f"eval-{index}", sharing
                 )
                 if rows.eval is not None
                 else None
             )
             parts.append(TokenizedDataset(source, train, held_out))
-        data = assemble(cfg, parts, inputs.seed)
+        assembled = assemble(cfg, parts, inputs.seed)
         chat_template = next((t for t in inputs.chat_templates if t is not None), None)
         if chat_template is not None:
-            data.report.chat_masks = ChatEncoder(inputs.tokenizer, chat_template, cfg).method
-        _write_entry(tmp, data)
-        shutil.rmtree(work)
+            assembled.report.chat_masks = ChatEncoder(inputs.tokenizer, chat_template, cfg).method
+        _write_entry(tmp, assembled)
+        shutil.rmtree(rows_dir, ignore_errors=True)
 
 
 def _tokenize(

@@ -120,3 +120,20 @@ def test_a_stream_interleaves_datasets(tok: Any, tmp_path: Path, weights: tuple[
     first = [s for _, s in zip(range(400), iter(stream), strict=False)]
     share = _origins(tok, first)["apple"] / 400
     assert abs(share - (0.75 if weights else 0.5)) < 4 * (share * (1 - share) / 400) ** 0.5 + 0.01
+
+
+def test_a_cache_hit_maps_the_same_samples(tok: Any, tmp_path: Path) -> None:  # noqa: F811
+    """The entry keeps the tokenized files (several per dataset with worker processes) and indexes them:
+    read back, the splits hold the same samples in the same order."""
+    a, b = _alpaca(tmp_path / "a.jsonl", "apple", 300), _alpaca(tmp_path / "b.jsonl", "river", 200)
+    cfg = DataConfig(
+        datasets=[{"path": str(a), "weight": 2}, {"path": str(b), "weight": 1}], val_fraction=0.1, num_proc=2
+    )
+    fresh = prepare_data(cfg, tok, seed=0, cache_dir=tmp_path / "cache")
+    again = prepare_data(cfg, tok, seed=0, cache_dir=tmp_path / "cache")
+    assert again.report.cache_hit and not fresh.report.cache_hit
+    assert again.train[:] == fresh.train[:]
+    assert fresh.eval is not None and again.eval is not None and again.eval[:] == fresh.eval[:]
+    entry = next((tmp_path / "cache").glob("data-*"))
+    assert len(json.loads((entry / "files.json").read_text())) >= 4, "2 datasets x 2 workers"
+    assert not (entry / "rows").exists(), "the rows read from the files are not kept"
