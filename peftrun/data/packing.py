@@ -28,35 +28,51 @@ from torch.utils.data import Dataset as TorchDataset
 from peftrun.data.arrow import column
 from peftrun.data.tokenize import IGNORE_INDEX, pad
 
+# Samples assigned per block in assign_bins: Python ints for a block only.
+_BLOCK = 1 << 16
+
 if TYPE_CHECKING:
     import datasets
     import numpy as np
     import torch
 
 
-def best_fit_decreasing(lengths: Sequence[int] | np.ndarray, capacity: int) -> list[list[int]]:
-    """Group sample indices into bins of at most `capacity` tokens, longest samples first, each into
-    the fullest bin that still has room (O(n log n)). Deterministic: ties keep index order."""
+def assign_bins(lengths: Sequence[int] | np.ndarray, capacity: int) -> np.ndarray:
+    """The bin number of each sample: bins of at most `capacity` tokens, longest samples first, each into
+    the fullest bin that still has room (best-fit-decreasing, O(n log n)). Deterministic: ties keep
+    index order. Memory: a few int64 arrays of n, plus one (room, bin) pair per open bin; the samples are
+    visited a block at a time, so no list of n Python ints is ever built."""
     import numpy as np
 
-    lengths = np.asarray(lengths, dtype=np.int64)
-    if len(lengths) and int(lengths.max()) > capacity:
+    sizes = np.asarray(lengths, dtype=np.int64)
+    if len(sizes) and int(sizes.max()) > capacity:
         raise ValueError(f"a sample is longer than the packing capacity {capacity}")
-    order = np.argsort(-lengths, kind="stable").tolist()  # stable: equal lengths keep index order
-    sizes = lengths.tolist()
-    bins: list[list[int]] = []
+    order = np.argsort(-sizes, kind="stable")  # stable: equal lengths keep index order
+    bin_of = np.empty(len(sizes), dtype=np.int64)
+    bins = 0
     # (room left, bin number), sorted: the first entry with room >= length is the best fit.
     room: list[tuple[int, int]] = []
-    for index in order:
-        length = sizes[index]
-        slot = bisect.bisect_left(room, (length, -1))
-        if slot == len(room):
-            bins.append([index])
-            bisect.insort(room, (capacity - length, len(bins) - 1))
-            continue
-        left, number = room.pop(slot)
+    for start in range(0, len(order), _BLOCK):
+        block = order[start : start + _BLOCK]
+        for index, length in zip(block.tolist(), sizes[block].tolist(), strict=True):
+            slot = bisect.bisect_left(room, (length, -1))
+            if slot == len(room):
+                bin_of[index] = bins
+                bisect.insort(room, (capacity - length, bins))
+                bins += 1
+                continue
+            left, number = room.pop(slot)
+            bin_of[index] = number
+            bisect.insort(room, (left - length, number))
+    return bin_of
+
+
+def best_fit_decreasing(lengths: Sequence[int] | np.ndarray, capacity: int) -> list[list[int]]:
+    """The bins of `assign_bins` as lists of sample indices (in index order), bins in order of opening."""
+    bin_of = assign_bins(lengths, capacity)
+    bins: list[list[int]] = [[] for _ in range(int(bin_of.max()) + 1 if len(bin_of) else 0)]
+    for index, number in enumerate(bin_of.tolist()):
         bins[number].append(index)
-        bisect.insort(room, (left - length, number))
     return bins
 
 
@@ -91,10 +107,10 @@ class PackedDataset(TorchDataset[dict[str, list[int]]]):
     def __init__(self, samples: datasets.Dataset, capacity: int) -> None:
         import numpy as np
 
-        bins = best_fit_decreasing(sample_lengths(samples), capacity)
-        # Members in file order inside a row: easier to read when debugging.
-        self.members = np.fromiter((i for b in bins for i in sorted(b)), dtype=np.int64)
-        self.starts = np.cumsum([0, *(len(b) for b in bins)], dtype=np.int64)
+        bin_of = assign_bins(sample_lengths(samples), capacity)
+        # Grouped by bin, members in file order inside a row: easier to read when debugging.
+        self.members = np.lexsort((np.arange(len(bin_of)), bin_of))
+        self.starts = np.concatenate([[0], np.cumsum(np.bincount(bin_of))]).astype(np.int64)
         self.samples = samples.select_columns(["input_ids", "labels"])
 
     def __len__(self) -> int:
