@@ -72,3 +72,23 @@ def test_zero3_streams_loadable_shards_and_catches_a_corrupted_tensor(
     for name, tensor in trained.items():
         assert torch.equal(loaded[name], tensor), name
     assert not torch.equal(loaded[victim], before[victim])
+
+
+def test_a_model_that_renames_its_weights_on_save_is_not_streamed(tiny_llama: Path) -> None:
+    """Mixtral's experts are fused in memory and split again by save_pretrained: its streamed names
+    would not load, so it is saved through a gathered copy; Llama's names are its saved names."""
+    from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    from peftrun.dist.stream_weights import renames_weights_on_save
+
+    assert not renames_weights_on_save(AutoModelForCausalLM.from_pretrained(tiny_llama))
+    config = MixtralConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=100,
+        num_local_experts=2,
+    )
+    assert renames_weights_on_save(MixtralForCausalLM(config))

@@ -152,3 +152,19 @@ def check_streamed_weights(main: bool, model: Any, directory: Path, each_nonzero
         except Exception as exc:
             failure = str(exc) if isinstance(exc, VerificationError) else f"{directory / file}: {exc}"
     return len(weights), failure
+
+
+def renames_weights_on_save(model: Any) -> bool:
+    """True when transformers' `save_pretrained` renames or converts this model's weights (its weight
+    conversion mapping: Mixtral's experts, some vision-language models). The streamed save writes the
+    names the model holds in memory, which `from_pretrained` of such a model would not read back, so
+    it is saved through a gathered copy instead."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import PrefixChange
+    except ImportError:  # a transformers without conversions saves the names it holds
+        return False
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions is None:  # built from a config rather than from_pretrained: transformers' default
+        conversions = get_model_conversion_mapping(model, add_legacy=False)
+    return any(not isinstance(conversion, PrefixChange) for conversion in conversions)

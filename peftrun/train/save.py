@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from peftrun.dist.accelerator import agree_on_failure, gathered_model, zero_stage
+from peftrun.dist.stream_weights import renames_weights_on_save
 from peftrun.errors import UserError
 from peftrun.model.load import DTYPES
 from peftrun.model.methods import MAY_ZERO_TENSORS, NON_ADAPTER_KINDS
@@ -97,11 +98,17 @@ def save_final(
     """
     final = final_dir(recipe.output_dir)
     adapter = recipe.method.kind not in NON_ADAPTER_KINDS
+    unwrapped = accelerator.unwrap_model(model)
     if zero_stage(accelerator) == 3 and adapter and initial_adapter is None:
         failure = save_sharded_adapter(accelerator, model, processor, recipe, probe_batch, final)
-    elif zero_stage(accelerator) == 3 and not adapter:
+    elif zero_stage(accelerator) == 3 and not adapter and not renames_weights_on_save(unwrapped):
         failure = save_sharded_full(accelerator, model, processor, recipe, final)
     else:
+        if zero_stage(accelerator) == 3 and not adapter:
+            accelerator.print(
+                f"[peftrun] {type(unwrapped).__name__} renames its weights on save: saved through a copy "
+                "gathered on the main process (it holds the whole model)"
+            )
         failure = _save_whole(accelerator, model, processor, recipe, probe_batch, initial_adapter, final)
     if agree_on_failure(accelerator, failure):
         raise SaveCheckFailed(
