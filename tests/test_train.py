@@ -183,6 +183,15 @@ def test_resumed_run_continues_exactly(write_recipe: Any, tmp_path: Path, packin
     assert [s for s in steps if s] == sorted(s for s in steps if s), "metrics.jsonl tells one history"
 
 
+def test_a_run_resumed_from_the_end_of_an_epoch_goes_on(write_recipe: Any, tmp_path: Path) -> None:
+    """The checkpoint of step 6 is taken after the epoch's last batch (12 samples, micro 2): the resumed
+    run skips the whole epoch, finds nothing left in it, and goes on into the next one."""
+    recipe = write_recipe(train={"max_steps": 6}, checkpoint={"at_end": True})
+    run(recipe, f"output_dir={tmp_path / 'run'}")
+    resumed = run(recipe, f"output_dir={tmp_path / 'run'}", "train.resume=auto", "train.max_steps=8")
+    assert resumed.steps == 8 and len(resumed.losses) == 2
+
+
 def test_run_directory_describes_itself(write_recipe: Any) -> None:
     recipe = write_recipe(
         data={"val_fraction": 0.25},

@@ -82,7 +82,8 @@ def run_loop(run: Run, stop: StopRequest) -> tuple[bool, bool]:
     tokens_in_window = 0
     run.model.train()
     while state.step < run.total_steps and not stopping:
-        steps_at_epoch_start = state.step
+        # A whole pass (not the rest of one a resumed run skips into) that gives no step never will.
+        whole_pass, steps_at_epoch_start = state.batches_in_epoch == 0, state.step
         # Through the loader: accelerate's loader re-sets the sampler's epoch from its own counter on
         # every iter (a resumed run's counter starts at 0), and skip_first_batches copies that counter.
         run.train_loader.set_epoch(state.epoch)
@@ -115,7 +116,9 @@ def run_loop(run: Run, stop: StopRequest) -> tuple[bool, bool]:
             if state.step >= run.total_steps or stopping:
                 break
         else:  # the epoch ran out
-            if state.step == steps_at_epoch_start:  # a stream can run dry; a dataset is checked up front
+            if (
+                whole_pass and state.step == steps_at_epoch_start
+            ):  # a stream can; a dataset is checked up front
                 raise UserError(
                     f"data: a whole pass over the training data gave no optimizer step ({accumulation} "
                     "micro-batches per process needed); add data or lower the batch size"
