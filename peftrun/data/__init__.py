@@ -210,7 +210,8 @@ def prepare_data(
     sharing = sharing or DataSharing()
     sources = cfg.sources()
     templates = dataset_templates(tokenizer, cfg)
-    identities = [identity for source in sources for identity in source_identity(source)]
+    per_source = [source_identity(source) for source in sources]
+    identities = [identity for ids in per_source for identity in ids]
     entry = Path(cache_dir) / f"data-{cache_key(cfg, tokenizer, templates, seed, identities)}"
     if _is_complete(entry):
         return _load_cached(entry, cache_hit=True)
@@ -218,7 +219,7 @@ def prepare_data(
         wait_for_entry(entry, _is_complete, sharing)
         return _load_cached(entry, cache_hit=False)
     with recording_failure(entry):
-        _build_entry(entry, _Inputs(cfg, tokenizer, templates, seed), sharing)
+        _build_entry(entry, _Inputs(cfg, tokenizer, templates, per_source, seed), sharing)
     return _load_cached(entry, cache_hit=False)
 
 
@@ -227,6 +228,7 @@ class _Inputs:
     cfg: DataConfig
     tokenizer: Any
     chat_templates: list[str | None]  # per dataset of cfg.sources()
+    identities: list[list[str]]  # per dataset: source_identity's, reused when its rows are read
     seed: int
 
 
@@ -237,8 +239,9 @@ def _build_entry(entry: Path, inputs: _Inputs, sharing: DataSharing) -> None:
     with staged_dir(entry, is_complete=_is_complete) as tmp, _no_progress_bars():
         rows_dir = tmp / "rows"  # local files' rows as Arrow: read once, deleted once tokenized
         parts = []
-        for index, (source, template) in enumerate(zip(cfg.sources(), inputs.chat_templates, strict=True)):
-            rows = read_source(source, cfg, cache_dir=rows_dir)
+        per_dataset = zip(cfg.sources(), inputs.chat_templates, inputs.identities, strict=True)
+        for index, (source, template, identity) in enumerate(per_dataset):
+            rows = read_source(source, cfg, cache_dir=rows_dir, identity=identity)
             encoder = SampleEncoder(inputs.tokenizer, cfg.for_source(source), source.path, template)
             train = _tokenize(cfg, encoder, source.path, rows.train, tmp / f"train-{index}", sharing)
             held_out = (

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -68,12 +68,16 @@ class SourceRows:
     identity: list[str]  # content ids of train (then eval), for the tokenized-data cache key
 
 
-def read_source(source: Source, cfg: DataConfig, *, cache_dir: Path) -> SourceRows:
+def read_source(
+    source: Source, cfg: DataConfig, *, cache_dir: Path, identity: Sequence[str] | None = None
+) -> SourceRows:
     """The rows of `source`, checked as they are read where they are local; `cfg` gives data.tools and
-    data.max_samples. `cache_dir` holds the Arrow written for local files. Bad data is a UserError."""
+    data.max_samples. `cache_dir` holds the Arrow written for local files. `identity`, when the caller
+    has it from `source_identity`, spares hashing the local files a second time. Bad data is a UserError."""
     rules = RowRules.of(source.format, source.columns, cfg.tools, source.key_of("columns"))
+    known = list(identity) if identity is not None else [None, None]
     train, train_id = _read(
-        source, source.path, source.key_of("path"), source.split, rules, cfg.max_samples, cache_dir
+        source, source.path, source.key_of("path"), source.split, rules, cfg.max_samples, cache_dir, known[0]
     )
     if source.val_path is not None:
         if locate(source.val_path, source.key_of("val_path"), source.format).kind == "hub":
@@ -82,11 +86,18 @@ def read_source(source: Source, cfg: DataConfig, *, cache_dir: Path) -> SourceRo
                 "splits with val_split"
             )
         held_out = _read(
-            source, source.val_path, source.key_of("val_path"), source.split, rules, None, cache_dir
+            source, source.val_path, source.key_of("val_path"), source.split, rules, None, cache_dir, known[1]
         )
     elif source.val_split is not None:
         held_out = _read(
-            source, source.path, source.key_of("val_split"), source.val_split, rules, None, cache_dir
+            source,
+            source.path,
+            source.key_of("val_split"),
+            source.val_split,
+            rules,
+            None,
+            cache_dir,
+            known[1],
         )
     else:
         return SourceRows(source, train, None, [train_id])
@@ -94,14 +105,21 @@ def read_source(source: Source, cfg: DataConfig, *, cache_dir: Path) -> SourceRo
 
 
 def _read(
-    source: Source, path: str, key: str, split: str, rules: RowRules, max_rows: int | None, cache_dir: Path
+    source: Source,
+    path: str,
+    key: str,
+    split: str,
+    rules: RowRules,
+    max_rows: int | None,
+    cache_dir: Path,
+    known_identity: str | None,
 ) -> tuple[datasets.Dataset, str]:
-    """(rows, identity) of one path of `source`."""
+    """(rows, identity) of one path of `source`; a local path's `known_identity` is used as it is."""
     located = locate(path, key, rules.format)
     if located.kind in ("hub", "saved"):
         rows = _opened(source, located, key, split)
         return _narrow(rows, rules, max_rows), _opened_identity(source, located, split, rows)
-    identity = _local_identity(located)
+    identity = known_identity or _local_identity(located)
     if located.kind == "files" and located.files[0].suffix.lower() == ".parquet":
         for _ in local_rows(located, key, rules, max_rows):  # the check pass: one batch in memory
             pass
