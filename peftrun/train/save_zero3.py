@@ -6,6 +6,8 @@ puts a full copy of the model on any process."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,36 @@ from peftrun.staging import staged_dir
 
 class _Unpublished(Exception):
     """Leaves a staged directory without publishing it."""
+
+
+@dataclass
+class _Save:
+    """What one ZeRO-3 save found: set by its body inside `_staged_save`."""
+
+    tmp: Path
+    failure: str | None = None
+    report: str = ""
+
+
+@contextlib.contextmanager
+def _staged_save(accelerator: Any, final: Path) -> Iterator[_Save]:
+    """`final`'s staged directory on the main process (the bare path on the others, which write
+    nothing), published only when the body leaves `save.failure` None; then the report on success, and
+    every process waits for the others."""
+    main = accelerator.is_main_process
+    save: _Save | None = None
+    try:
+        with staged_dir(final) if main else contextlib.nullcontext(final) as tmp:
+            save = _Save(tmp)
+            yield save
+            if main and save.failure is not None:
+                raise _Unpublished  # leaves staged_dir with an error: what was written is removed
+    except _Unpublished:
+        pass
+    assert save is not None
+    if save.failure is None:
+        accelerator.print(f"[peftrun] saved {final}: {save.report}")
+    accelerator.wait_for_everyone()
 
 
 def _write_sharded_adapter(
@@ -83,38 +115,28 @@ def save_sharded_adapter(
     note_memory("trainable gathered")
     samples = probe_rows(probe_batch)
     expected = [logits_on(model, sample) for sample in samples]
-    failure: str | None = None
-    report = ""
-    try:
-        with staged_dir(final) if main else contextlib.nullcontext(final) as tmp:
-            swapped: dict[str, torch.Tensor] = {}
-            if main:
-                try:
-                    tensors = _write_sharded_adapter(unwrapped, processor, recipe, tmp, trained, swapped)
-                except VerificationError as exc:
-                    failure = str(exc)
-            if not agree_on_failure(accelerator, failure):
-                scatter_trainable(accelerator, model, swapped)
-                found = LogitDiff(0.0, 0.0)
-                for sample, trained_logits in zip(samples, expected, strict=True):
-                    found = found.worst(logit_diff(trained_logits, logits_on(model, sample)))
-                scatter_trainable(accelerator, model, trained)
-                note_memory("save checked")
-                tolerance = same_kernels_tolerance(logits_dtype(unwrapped))
-                report = f"{tensors if main else 0} tensors verified, saved tensors in the sharded model: logits max rel diff {found.max_rel:.1e} (tol {tolerance:.0e})"
-                if main and not found.max_rel <= tolerance:
-                    failure = (
-                        f"the saved tensors swapped into the sharded model give logits {found.max_rel:.3e} "
-                        f"away from the trained ones (> {tolerance:.0e})"
-                    )
-            if main and failure is not None:
-                raise _Unpublished  # leaves staged_dir with an error: what was written is removed
-    except _Unpublished:
-        pass
-    if failure is None:
-        accelerator.print(f"[peftrun] saved {final}: {report}")
-    accelerator.wait_for_everyone()
-    return failure
+    with _staged_save(accelerator, final) as save:
+        swapped: dict[str, torch.Tensor] = {}
+        if main:
+            try:
+                tensors = _write_sharded_adapter(unwrapped, processor, recipe, save.tmp, trained, swapped)
+            except VerificationError as exc:
+                save.failure = str(exc)
+        if not agree_on_failure(accelerator, save.failure):
+            scatter_trainable(accelerator, model, swapped)
+            found = LogitDiff(0.0, 0.0)
+            for sample, trained_logits in zip(samples, expected, strict=True):
+                found = found.worst(logit_diff(trained_logits, logits_on(model, sample)))
+            scatter_trainable(accelerator, model, trained)
+            note_memory("save checked")
+            tolerance = same_kernels_tolerance(logits_dtype(unwrapped))
+            save.report = f"{tensors if main else 0} tensors verified, saved tensors in the sharded model: logits max rel diff {found.max_rel:.1e} (tol {tolerance:.0e})"
+            if main and not found.max_rel <= tolerance:
+                save.failure = (
+                    f"the saved tensors swapped into the sharded model give logits {found.max_rel:.3e} "
+                    f"away from the trained ones (> {tolerance:.0e})"
+                )
+    return save.failure
 
 
 def save_sharded_full(
@@ -129,28 +151,18 @@ def save_sharded_full(
     main = accelerator.is_main_process
     release_gathered(model)
     each_nonzero = recipe.method.kind not in MAY_ZERO_TENSORS
-    failure: str | None = None
-    report = ""
-    try:
-        with staged_dir(final) if main else contextlib.nullcontext(final) as tmp:
-            files, failure = write_streamed_weights(main, unwrapped, tmp)
-            note_memory("weights streamed")
-            tensors, check_failure = check_streamed_weights(main, unwrapped, tmp, each_nonzero)
-            failure = failure or check_failure
-            note_memory("save checked")
-            if main and failure is None:
-                write_model_config(unwrapped, tmp)
-                write_companions(processor, recipe, tmp)
-                try:
-                    check_model_config(tmp, unwrapped)
-                except VerificationError as exc:
-                    failure = str(exc)
-            report = f"{tensors} tensors in {files} file(s) verified against the gathered weights, config builds the trained architecture"
-            if main and failure is not None:
-                raise _Unpublished
-    except _Unpublished:
-        pass
-    if failure is None:
-        accelerator.print(f"[peftrun] saved {final}: {report}")
-    accelerator.wait_for_everyone()
-    return failure
+    with _staged_save(accelerator, final) as save:
+        files, save.failure = write_streamed_weights(main, unwrapped, save.tmp)
+        note_memory("weights streamed")
+        tensors, check_failure = check_streamed_weights(main, unwrapped, save.tmp, each_nonzero)
+        save.failure = save.failure or check_failure
+        note_memory("save checked")
+        if main and save.failure is None:
+            write_model_config(unwrapped, save.tmp)
+            write_companions(processor, recipe, save.tmp)
+            try:
+                check_model_config(save.tmp, unwrapped)
+            except VerificationError as exc:
+                save.failure = str(exc)
+        save.report = f"{tensors} tensors in {files} file(s) verified against the gathered weights, config builds the trained architecture"
+    return save.failure
